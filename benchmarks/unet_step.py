@@ -1,0 +1,154 @@
+"""Training-step speed of ``ldm.modules.unet.UNetModel`` against diffusers ``UNet2DConditionModel``.
+
+Both networks get the same topology (through ``ldm.convert.unet.diffusers_unet_config``) and the same
+weights (converted from the diffusers model); the script checks that their outputs agree, then times
+forward + backward of both, alternating runs in one process, and prints the medians and their ratio.
+
+    python benchmarks/unet_step.py                       # CPU, both configs
+    python benchmarks/unet_step.py --device cuda --bf16 --channels-last
+    python benchmarks/unet_step.py --config sd15 --compile --iters 30
+
+Ratio = diffusers time / ours (> 1: ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from ldm.convert.unet import diffusers_unet_config, unet_diffusers_to_sd
+from ldm.modules.unet import UNetModel
+
+# name -> (U-Net params in SD naming, batch size, latent size)
+CONFIGS = {
+    # the size of the quickstart LDM: 16x16 latents, 128-wide tiny CLIP context
+    "quickstart": (
+        dict(image_size=16, in_channels=4, out_channels=4, model_channels=64, attention_resolutions=[2, 4],
+             num_res_blocks=1, channel_mult=[1, 2, 2], num_head_channels=32, use_spatial_transformer=True,
+             transformer_depth=1, context_dim=128, use_linear_in_transformer=True, legacy=False),
+        8, 16,
+    ),
+    # SD-1.5 topology (attention at 3 of 4 levels, 2 ResBlocks, 8 heads, conv projections), reduced width
+    "sd15": (
+        dict(image_size=32, in_channels=4, out_channels=4, model_channels=64, attention_resolutions=[4, 2, 1],
+             num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+             transformer_depth=1, context_dim=256, legacy=False),
+        2, 32,
+    ),
+    # the same topology at tiny width and size: per-op overhead dominates, as for small models on a GPU
+    "sd15-tiny": (
+        dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
+             num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+             transformer_depth=1, context_dim=32, legacy=False),
+        1, 8,
+    ),
+}
+
+
+def build_pair(params: dict, device: torch.device, channels_last: bool):
+    from diffusers import UNet2DConditionModel
+
+    theirs = UNet2DConditionModel(**diffusers_unet_config(params))
+    ours = UNetModel(**params)
+    ours.load_state_dict(unet_diffusers_to_sd(theirs.state_dict(), params))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return ours.to(device, memory_format=fmt), theirs.to(device, memory_format=fmt)
+
+
+def check_outputs(ours, theirs, x, t, ctx) -> float:
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        a = ours(x, t, ctx).float()
+        b = theirs(x, t, encoder_hidden_states=ctx).sample.float()
+    ours.train(), theirs.train()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def step(model, call, target, autocast) -> None:
+    model.zero_grad(set_to_none=True)
+    with autocast:
+        out = call()
+    torch.nn.functional.mse_loss(out.float(), target).backward()
+
+
+def bench(name: str, args) -> dict:
+    params, batch, size = CONFIGS[name]
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    ours, theirs = build_pair(params, device, args.channels_last)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(batch, params["in_channels"], size, size, device=device).contiguous(memory_format=fmt)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    ctx = torch.randn(batch, 77, params["context_dim"], device=device)
+    target = torch.randn(batch, params["out_channels"], size, size, device=device)
+    rel_err = check_outputs(ours, theirs, x, t, ctx)
+    if rel_err > 1e-4:
+        raise RuntimeError(f"{name}: outputs differ (relative error {rel_err:.2e}); the comparison is void.")
+
+    run_ours, run_theirs = ours, theirs
+    if args.compile:
+        run_ours, run_theirs = torch.compile(ours), torch.compile(theirs)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    calls = {
+        "ours": (ours, lambda: run_ours(x, t, ctx)),
+        "diffusers": (theirs, lambda: run_theirs(x, t, encoder_hidden_states=ctx).sample),
+    }
+    times = {k: [] for k in calls}
+    for i in range(args.warmup + args.iters):
+        order = list(calls) if i % 2 == 0 else list(reversed(calls))  # alternate who goes first
+        for key in order:
+            model, call = calls[key]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(model, call, target, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    params_m = sum(p.numel() for p in ours.parameters()) / 1e6
+    return {"config": name, "batch": batch, "latent": size, "params_M": params_m, "rel_err": rel_err,
+            "ours_ms": med["ours"] * 1e3, "diffusers_ms": med["diffusers"] * 1e3,
+            "ratio": med["diffusers"] / med["ours"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (1 gives stable numbers on a machine shared with other jobs)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    names = list(CONFIGS) if args.config == "all" else [args.config]
+    flags = [f for f, on in (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.bf16)) if on]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {device}; torch {torch.__version__}; flags: {', '.join(flags) or 'none'}; "
+          f"median of {args.iters} forward+backward steps after {args.warmup} warm-up")
+    header = f"{'config':<11} {'batch':>5} {'latent':>6} {'params':>8} {'rel.err':>8} {'ours ms':>9} {'diffusers ms':>13} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        r = bench(name, args)
+        print(f"{r['config']:<11} {r['batch']:>5} {r['latent']:>6} {r['params_M']:>7.1f}M {r['rel_err']:>8.1e} "
+              f"{r['ours_ms']:>9.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

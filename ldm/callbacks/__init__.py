@@ -1,0 +1,1 @@
+"""Lightning callbacks (data health, sample grids, curriculum, ...)."""

@@ -1,0 +1,1 @@
+"""Scoring generated images: prompt accuracy (shapes), class accuracy (digits), image metrics."""

@@ -1,0 +1,5 @@
+"""LightningModules that compose the blocks of ``ldm.modules`` into trainable stages."""
+
+from ldm.models.autoencoder import AutoencoderKL
+
+__all__ = ["AutoencoderKL"]

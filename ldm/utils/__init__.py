@@ -1,0 +1,1 @@
+"""Run-level helpers used by the entry scripts (train.py, scripts/*): never by models."""

@@ -1,0 +1,42 @@
+"""OmegaConf resolvers available in every config (registered on import)."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def wandb_has_credentials() -> bool:
+    """True when W&B can authenticate: WANDB_API_KEY or a `wandb login` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc_path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        hosts = netrc.netrc(str(netrc_path)).hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+def wandb_offline() -> bool:
+    """Offline unless credentials exist; WANDB_MODE=offline|online|disabled wins when set."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in {"offline", "dryrun", "disabled"}:
+        return True
+    if mode == "online":
+        return False
+    return not wandb_has_credentials()
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("wandb_offline"):
+        OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("eval"):
+        # arithmetic in configs, e.g. ${eval:'${data.batch_size} * 2'}
+        OmegaConf.register_new_resolver("eval", lambda expr: eval(expr, {"__builtins__": {}}, {}))
+
+
+register_resolvers()

@@ -1,0 +1,193 @@
+"""The open_clip text encoder (ldm/modules/conditioning.py) and the CLIP text-weight conversion."""
+
+from __future__ import annotations
+
+import warnings
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm.convert.text_encoder import extract_open_clip_text_state, hf_text_to_open_clip, open_clip_text_to_hf
+from ldm.modules.clip_configs import TINY_CLIP_CONFIGS, create_clip_model
+from ldm.modules.conditioning import OpenCLIPTextEncoder
+
+ARCH = "ldm-tiny-clip"
+PROMPTS = ["a red circle", "a large blue square in the top left on a white background"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return OpenCLIPTextEncoder(ARCH, layer="penultimate")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_shapes_and_sd2_key_layout(encoder):
+    out = encoder.encode(PROMPTS)
+    width = TINY_CLIP_CONFIGS[ARCH]["text_cfg"]["width"]
+    assert out["context"].shape == (2, 77, width) and encoder.width == width
+    assert out["pooled"].shape == (2, TINY_CLIP_CONFIGS[ARCH]["embed_dim"])
+    assert out["tokens"].shape == (2, 77) and out["tokens"].dtype == torch.long
+    keys = set(encoder.state_dict())
+    # the keys of SD 2.x's FrozenOpenCLIPEmbedder below cond_stage_model.
+    for key in ("model.token_embedding.weight", "model.positional_embedding", "model.ln_final.weight",
+                "model.text_projection", "model.logit_scale", "model.transformer.resblocks.3.attn.in_proj_weight"):
+        assert key in keys
+    assert not any(k.startswith("model.visual") for k in keys)
+
+
+def test_layers_follow_open_clip_and_sd2_semantics(encoder):
+    tokens = encoder.tokenize(PROMPTS)
+    last = OpenCLIPTextEncoder(ARCH, layer="last")
+    last.load_state_dict(encoder.state_dict())
+    with torch.no_grad():
+        pen, fin = encoder(tokens), last(tokens)
+        # independent references: open_clip's own forward paths
+        ref = encoder.model.forward_intermediates(text=tokens, text_indices=[2], normalize_intermediates=True)
+        pooled_ref = encoder.model.encode_text(tokens)
+    torch.testing.assert_close(pen["context"], ref["text_intermediates"][0])  # ln_final(h_{L-1}), as SD 2.x
+    torch.testing.assert_close(fin["pooled"], pooled_ref)
+    torch.testing.assert_close(pen["pooled"], pooled_ref)  # pooled always comes from the last layer
+    assert rel_err(pen["context"], fin["context"]) > 0.1  # penultimate != last
+
+
+def test_long_prompts_are_truncated_with_one_warning_naming_the_prompt(encoder):
+    long_prompt = "a red circle " * 40
+    before = encoder.tokenizer.num_truncated
+    with pytest.warns(UserWarning, match="truncated: 'a red circle a red circle"):
+        tokens = encoder.encode([long_prompt, "a cat"])["tokens"]
+    assert tokens[0, -1] == encoder.tokenizer.eot and tokens[0, 0] == encoder.tokenizer.sot
+    assert (tokens[0] != 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same prompt does not warn twice
+        encoder.encode([long_prompt])
+    assert encoder.tokenizer.num_truncated == before + 2
+
+
+def test_truncation_warnings_stop_after_a_limit_but_keep_counting():
+    tokenizer = OpenCLIPTextEncoder(ARCH).tokenizer
+    prompts = [f"prompt {i} " + "word " * 80 for i in range(tokenizer.max_warnings + 5)]
+    with pytest.warns(UserWarning) as record:
+        tokenizer(prompts)
+    assert len(record) == tokenizer.max_warnings and "only counted" in str(record[-1].message)
+    assert tokenizer.num_truncated == len(prompts)
+
+
+def test_empty_prompt_is_the_unconditional_embedding(encoder):
+    out = encoder.encode([""])
+    sot, eot = encoder.tokenizer.sot, encoder.tokenizer.eot
+    assert out["tokens"][0, :3].tolist() == [sot, eot, 0]
+    null = encoder.null_context(3)
+    assert null.shape == (3, 77, encoder.width)
+    torch.testing.assert_close(null[2], out["context"][0])
+    assert not torch.allclose(null[0], encoder.encode(["a red circle"])["context"][0])
+
+
+def test_pad_with_eot_reproduces_sd1_tokenization():
+    enc = OpenCLIPTextEncoder(ARCH, pad_with_eot=True)
+    tokens = enc.tokenize(["a red circle"])[0]
+    eot = enc.tokenizer.eot
+    assert (tokens[5:] == eot).all() and tokens[4] == eot  # sot a red circle eot eot ...
+
+
+def test_frozen_encoder_has_no_gradients_and_stays_in_eval(encoder):
+    assert encoder.frozen and not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.training and not encoder.model.training
+    assert not encoder.encode(PROMPTS)["context"].requires_grad
+
+
+def test_trainable_encoder_passes_gradients():
+    enc = OpenCLIPTextEncoder(ARCH, freeze=False)
+    enc.train()
+    assert enc.training
+    enc.encode(PROMPTS)["context"].square().mean().backward()
+    assert enc.model.token_embedding.weight.grad.abs().sum() > 0
+    assert enc.model.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_construction_never_downloads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_hf", refuse)
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_url", refuse)
+    monkeypatch.setattr(open_clip, "download_pretrained", refuse)
+    OpenCLIPTextEncoder(ARCH)
+    OpenCLIPTextEncoder("ViT-B-32")  # a real architecture, random weights
+
+
+def test_hub_tag_offline_asks_for_a_local_file(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="local file"):
+        OpenCLIPTextEncoder("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    with pytest.raises(FileNotFoundError, match="neither an existing file nor an open_clip tag"):
+        OpenCLIPTextEncoder(ARCH, pretrained="no-such-tag")
+
+
+def test_loads_an_open_clip_checkpoint_file_and_rejects_the_wrong_arch(tmp_path):
+    torch.manual_seed(1)
+    full = create_clip_model(ARCH)  # with its image tower, as open_clip saves it
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+    enc = OpenCLIPTextEncoder(ARCH, pretrained=str(path))
+    tokens = enc.tokenize(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(tokens)["pooled"], full.encode_text(tokens))
+    with pytest.raises(ValueError, match="does not fit arch"):
+        OpenCLIPTextEncoder("ViT-B-32", pretrained=str(path))
+
+
+def _hf_text_model(layers: int = 4):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=128, intermediate_size=512,
+                                      num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
+                                      hidden_act="quick_gelu", projection_dim=128)
+    torch.manual_seed(0)
+    return transformers.CLIPTextModel(cfg).eval()
+
+
+def test_sd1_layout_clip_text_model_matches_transformers(tmp_path):
+    hf = _hf_text_model()
+    # an SD 1.x single-file checkpoint stores the text model under cond_stage_model.transformer.text_model.
+    state = {f"cond_stage_model.transformer.text_model.{k}": v for k, v in hf.state_dict().items()}
+    path = tmp_path / "sd1.safetensors"
+    save_file(state, str(path))
+    for layer in ("last", "penultimate"):
+        with pytest.warns(UserWarning, match="no text projection"):
+            enc = OpenCLIPTextEncoder(ARCH, pretrained=str(path), layer=layer, quick_gelu=True, pad_with_eot=True)
+        out = enc.encode(PROMPTS)
+        with torch.no_grad():
+            ref = hf(input_ids=out["tokens"], output_hidden_states=True)
+        # SD 1.x: last layer after the final norm; SD 2.x penultimate: hidden_states[-2] through the final norm
+        expected = ref.last_hidden_state if layer == "last" else hf.final_layer_norm(ref.hidden_states[-2])
+        assert rel_err(out["context"], expected) <= 1e-5
+        assert rel_err(out["pooled"], ref.pooler_output) <= 1e-5  # identity projection = pooler_output
+
+
+def test_text_weight_conversion_round_trips_exactly():
+    hf = _hf_text_model(layers=2)
+    ours = hf_text_to_open_clip(hf.state_dict())
+    back = open_clip_text_to_hf(ours, text_model_prefix="")
+    assert back.keys() == hf.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
+    prefixed = open_clip_text_to_hf(ours)  # checkpoint-file layout
+    assert all(k.startswith("text_model.") for k in prefixed)
+    again, layout = extract_open_clip_text_state(prefixed)
+    assert "transformers" in layout and all(torch.equal(again[k], v) for k, v in ours.items())
+    with pytest.raises(ValueError, match="No CLIP text tower"):
+        extract_open_clip_text_state({"foo.weight": torch.zeros(1)})
+
+
+@pytest.mark.filterwarnings("ignore:.*no text projection")
+def test_gelu_arch_warns_on_transformers_weights(tmp_path):
+    hf = _hf_text_model()
+    path = tmp_path / "text.safetensors"
+    save_file(hf.state_dict(), str(path))
+    with pytest.warns(UserWarning, match="QuickGELU"):
+        OpenCLIPTextEncoder(ARCH, pretrained=str(path))

@@ -1,0 +1,127 @@
+"""train.py end to end through Hydra: every experiment runs, resumes, sweeps and fails clearly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def stage_checkpoints(tiny_data_root, tmp_path_factory):
+    """Tiny stage-0 (CLIP) and stage-1 (autoencoder) checkpoints that later stages can start from."""
+    from tests.hydra_helpers import compose_train_config
+
+    out = {}
+    for name, experiment in (("clip", "quickstart_clip"), ("autoencoder", "quickstart_autoencoder")):
+        run_dir = tmp_path_factory.mktemp(name)
+        cfg = compose_train_config(
+            [f"experiment={experiment}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+             "trainer.limit_val_batches=1", "logger=csv"],
+            run_dir, tiny_data_root,
+        )
+        train(cfg)
+        out[name] = str(run_dir / "checkpoints" / "last.ckpt")
+        assert Path(out[name]).exists()
+    return out
+
+
+def _point_at_checkpoints(cfg, checkpoints):
+    with open_dict(cfg):
+        model = cfg.model
+        if "first_stage_config" in model:
+            model.first_stage_config = {"ckpt_path": checkpoints["autoencoder"]}
+        cond = model.get("cond_stage_config")
+        if cond is not None and cond.get("pretrained"):
+            cond.pretrained = checkpoints["clip"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_fast_dev_run(experiment, compose_train, stage_checkpoints):
+    cfg = compose_train([f"experiment={experiment}", "debug=fast_dev_run", "logger=csv"])
+    with open_dict(cfg):
+        cfg.trainer.detect_anomaly = False  # anomaly mode is slow; fast_dev_run is the check here
+    _point_at_checkpoints(cfg, stage_checkpoints)
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step >= 1
+    assert any(k.startswith("train/") for k in metrics), metrics.keys()
+
+
+def test_bf16_mixed_run_on_cpu(compose_train):
+    cfg = compose_train(["experiment=quickstart_autoencoder", "trainer.max_steps=2", "trainer.precision=bf16-mixed",
+                         "trainer.val_check_interval=2", "trainer.limit_val_batches=1"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].precision == "bf16-mixed"
+    assert torch.isfinite(metrics["train/rec_loss"])
+    assert Path(cfg.paths.output_dir, "checkpoints", "last.ckpt").exists()
+
+
+def test_resume_continues_step_count(compose_train):
+    cfg = compose_train(["experiment=quickstart_autoencoder", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                         "trainer.limit_val_batches=1"])
+    train(cfg)
+    last = Path(cfg.paths.output_dir, "checkpoints", "last.ckpt")
+    saved_step = torch.load(last, weights_only=True)["global_step"]
+    assert saved_step == 3
+    with open_dict(cfg):
+        cfg.trainer.max_steps = 5
+        cfg.ckpt_path = str(last)
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 5
+
+
+def _run_cli(args, tmp_path, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_experiment_fails_with_clear_message(tmp_path):
+    result = _run_cli(["experiment=does_not_exist", f"paths.log_dir={tmp_path}"], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "experiment/does_not_exist" in result.stderr or "does_not_exist" in result.stderr
+    assert "Available options" in result.stderr
+
+
+def test_missing_required_value_names_the_key(tmp_path):
+    result = _run_cli(["data=folder", f"paths.log_dir={tmp_path}"], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "data.train_shards" in result.stderr
+    assert "Missing required config value" in result.stderr
+
+
+def test_missing_shard_pattern_is_a_clear_error(tmp_path):
+    result = _run_cli(["experiment=quickstart_autoencoder", f"paths.log_dir={tmp_path}",
+                       f"data.train_shards={tmp_path}/nothing-{{000000..000003}}.tar", "data.build=null"],
+                      tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "nothing-" in result.stderr and "make_shards.py" in result.stderr
+
+
+def test_two_job_multirun_completes(tmp_path, tiny_data_root):
+    from tests.hydra_helpers import tiny_shards
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        build = compose("train", overrides=["experiment=quickstart_autoencoder"]).data.build
+    train_pat, val_pat = tiny_shards(dict(build), tiny_data_root)
+    result = _run_cli(
+        ["-m", "experiment=quickstart_autoencoder", "model.optimizer.lr=1e-3,2e-3", "trainer.max_steps=2",
+         "trainer.val_check_interval=2", "trainer.limit_val_batches=1", f"data.train_shards={train_pat}",
+         f"data.val_shards={val_pat}", "data.build=null", "data.num_workers=0", "data.samples_per_epoch=64",
+         "extras.print_config=false", "callbacks.rich_progress_bar=null", f"paths.log_dir={tmp_path}/logs"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(Path(tmp_path, "logs").glob("quickstart_autoencoder/multiruns/*/*/checkpoints/last.ckpt"))
+    assert len(runs) == 2

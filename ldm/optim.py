@@ -7,6 +7,7 @@ the LightningModules complete them here inside ``configure_optimizers``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -101,9 +102,11 @@ class _WarmupThen:
         if shape != "constant" and not total_steps:
             raise ValueError(f"LR schedule '{shape}' needs total_steps > 0 (got {total_steps}).")
         if total_steps and warmup_steps > total_steps:
-            raise ValueError(
-                f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}; lower the warm-up."
+            warnings.warn(
+                f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}: warming up over the whole run "
+                f"instead. Lower model.scheduler.warmup_steps to silence this."
             )
+            warmup_steps = total_steps
         self.warmup_steps = int(warmup_steps)
         self.total_steps = int(total_steps or 0)
         self.shape = shape

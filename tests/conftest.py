@@ -30,3 +30,15 @@ def compose_train(tiny_data_root, tmp_path):
         return compose_train_config(list(overrides), tmp_path, tiny_data_root if tiny_data else None)
 
     return _compose
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    """Tests use tiny tensors: one intra-op thread is as fast and avoids oversubscribing the CPU when
+    data-loader workers or subprocesses run beside the test (set LDM_TEST_THREADS to change)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("LDM_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(previous)

@@ -31,6 +31,15 @@ TINY = dict(F8, resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1)  # f=2: f
 TINY_LOSS = dict(disc_start=0, disc_num_layers=2, disc_ndf=8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to oversubscribed CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     """Smooth random images in [-1, 1]: [n, 3, size, size]."""
     g = torch.Generator().manual_seed(seed)

@@ -90,10 +90,14 @@ def test_checkpoint_loads_into_the_text_encoder_with_the_same_embeddings(trained
         OpenCLIPTextEncoder("ldm-tiny-clip-64", pretrained=str(ckpt))
 
 
-def test_image_features_are_unit_norm_at_any_input_size(trained):
-    module = trained[0]
+def test_image_features_are_unit_norm_and_survive_a_safe_reload(trained):
+    module, ckpt, _, _ = trained
+    module.eval()
+    images = torch.rand(3, 3, 48, 48) * 2 - 1  # resized to the model's 32 px
+    reloaded = CLIPModule.load_from_checkpoint(ckpt, weights_only=True).eval()  # e.g. for CLIP score
     with torch.no_grad():
-        feats = module.image_features(torch.rand(3, 3, 48, 48) * 2 - 1)  # resized to the model's 32 px
+        feats = module.image_features(images)
+        torch.testing.assert_close(reloaded.image_features(images), feats)
     assert feats.shape == (3, 128)
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
 

@@ -191,3 +191,15 @@ def test_gelu_arch_warns_on_transformers_weights(tmp_path):
     save_file(hf.state_dict(), str(path))
     with pytest.warns(UserWarning, match="QuickGELU"):
         OpenCLIPTextEncoder(ARCH, pretrained=str(path))
+
+
+@pytest.mark.parametrize("name", list(TINY_CLIP_CONFIGS))
+def test_tiny_architectures_are_registered_with_open_clip(name):
+    cfg = TINY_CLIP_CONFIGS[name]
+    assert name in open_clip.list_models()
+    model = create_clip_model(name)
+    size = cfg["vision_cfg"]["image_size"]
+    with torch.no_grad():
+        image = model.encode_image(torch.zeros(1, 3, size, size))
+        text = model.encode_text(open_clip.get_tokenizer(name)(["a red circle"]))
+    assert image.shape == text.shape == (1, cfg["embed_dim"])

@@ -92,8 +92,11 @@ def test_warmup_linear_values_and_bad_arguments():
     lrs = _lrs(warmup_linear, 7, warmup_steps=1, total_steps=5)
     assert lrs == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ValueError, match="warmup_steps=20 exceeds total_steps=10"):
-        warmup_cosine(opt, total_steps=10, warmup_steps=20)
+    with pytest.warns(UserWarning, match="warmup_steps=20 exceeds total_steps=10"):
+        sched = warmup_cosine(opt, total_steps=10, warmup_steps=20)
+    assert sched.lr_lambdas[0].warmup_steps == 10
+    with pytest.raises(ValueError, match="needs total_steps"):
+        warmup_cosine(opt, total_steps=0)
 
 
 def test_scheduler_state_dict_round_trip_continues_curve():

@@ -39,15 +39,6 @@ MEAN_TOL = 0.05
 VAR_TOL = {"ddpm": 0.2, "euler_a": 0.2, "ddim": 0.12, "euler": 0.12, "heun": 0.1, "dpmpp_2m": 0.1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tensors here are small (20k x 3): intra-op threads only add contention on a shared 2-core box (7 s vs 60 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sched() -> NoiseSchedule:
     return NoiseSchedule.from_config("scaled_linear", 1000, 0.00085, 0.012)

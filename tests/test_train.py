@@ -102,7 +102,7 @@ def test_missing_required_value_names_the_key(tmp_path):
 
 def test_missing_shard_pattern_is_a_clear_error(tmp_path):
     result = _run_cli(["experiment=quickstart_autoencoder", f"paths.log_dir={tmp_path}",
-                       f"data.train_shards={tmp_path}/nothing-{{000000..000003}}.tar", "data.build=null"],
+                       f"data.train_shards='{tmp_path}/nothing-{{000000..000003}}.tar'", "data.build=null"],
                       tmp_path, timeout=120)
     assert result.returncode != 0
     assert "nothing-" in result.stderr and "make_shards.py" in result.stderr
@@ -117,8 +117,8 @@ def test_two_job_multirun_completes(tmp_path, tiny_data_root):
     train_pat, val_pat = tiny_shards(dict(build), tiny_data_root)
     result = _run_cli(
         ["-m", "experiment=quickstart_autoencoder", "model.optimizer.lr=1e-3,2e-3", "trainer.max_steps=2",
-         "trainer.val_check_interval=2", "trainer.limit_val_batches=1", f"data.train_shards={train_pat}",
-         f"data.val_shards={val_pat}", "data.build=null", "data.num_workers=0", "data.samples_per_epoch=64",
+         "trainer.val_check_interval=2", "trainer.limit_val_batches=1", f"data.train_shards='{train_pat}'",
+         f"data.val_shards='{val_pat}'", "data.build=null", "data.num_workers=0", "data.samples_per_epoch=64",
          "extras.print_config=false", "callbacks.rich_progress_bar=null", f"paths.log_dir={tmp_path}/logs"],
         tmp_path,
     )

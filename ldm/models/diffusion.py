@@ -50,6 +50,7 @@ class LatentDiffusion(L.LightningModule):
             channels, no shift, SD style), or "none". ``scale_factor`` (e.g. 0.18215) overrides with a fixed scale.
         ema_decay: EMA decay of the U-Net (None disables EMA).
         timestep_range: [t_min, t_max) sampled during training (curriculum can change it).
+        concat_channels: extra U-Net input channels concatenated to the latents (upscaling, inpainting).
         sampling: defaults for validation sample grids (prompts, sampler, steps, cfg_scale, seed).
     """
 
@@ -68,6 +69,7 @@ class LatentDiffusion(L.LightningModule):
         scale_factor: Optional[float] = None,
         ema_decay: Optional[float] = 0.9999,
         timestep_range: Optional[list[int]] = None,
+        concat_channels: int = 0,
         sampling: Optional[dict] = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -90,7 +92,7 @@ class LatentDiffusion(L.LightningModule):
         # --- text encoder ---
         self.cond_stage_model = OpenCLIPTextEncoder(**cond_stage_config)
         # --- U-Net, wrapped so keys read model.diffusion_model.* ---
-        self._check_compatible(unet_config, self.first_stage_model, self.cond_stage_model)
+        self._check_compatible(unet_config, concat_channels, self.first_stage_model, self.cond_stage_model)
         self.model = nn.ModuleDict({"diffusion_model": UNetModel(**unet_config)})
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -157,8 +159,8 @@ class LatentDiffusion(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up checks
     @staticmethod
-    def _check_compatible(unet_config: dict, first_stage: FirstStage, cond_stage: OpenCLIPTextEncoder) -> None:
-        concat = unet_config.get("concat_channels", 0) or 0
+    def _check_compatible(unet_config: dict, concat: int, first_stage: FirstStage,
+                          cond_stage: OpenCLIPTextEncoder) -> None:
         expected_in = first_stage.z_channels + concat
         if unet_config.get("in_channels") != expected_in:
             raise ValueError(

@@ -34,6 +34,14 @@ def normalization(channels: int, num_groups: int = 32, eps: float = 1e-6) -> nn.
     return nn.GroupNorm(groups, channels, eps=eps, affine=True)
 
 
+def maybe_checkpoint(module: nn.Module, enabled: bool, fn, *args):
+    """``fn(*args)``, recomputed in the backward pass instead of stored (non-reentrant
+    ``torch.utils.checkpoint``) when ``enabled`` and ``module`` trains with gradients on."""
+    if enabled and module.training and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention; self-attention when ``context`` is None.
 
@@ -132,9 +140,7 @@ class BasicTransformerBlock(nn.Module):
         self.checkpoint = checkpoint
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, context, use_reentrant=False)
-        return self._forward(x, context)
+        return maybe_checkpoint(self, self.checkpoint, self._forward, x, context)
 
     def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
@@ -272,9 +278,7 @@ class QKVAttentionBlock(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return maybe_checkpoint(self, self.use_checkpoint, self._forward, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

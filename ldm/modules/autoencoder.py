@@ -35,14 +35,16 @@ class ResnetBlock(nn.Module):
     x: [B, C_in, H, W] -> [B, C_out, H, W]. The autoencoder has no timestep embedding (CompVis' ``temb=None``).
     """
 
-    def __init__(self, *, in_channels: int, out_channels: Optional[int] = None, dropout: float = 0.0):
+    def __init__(
+        self, *, in_channels: int, out_channels: Optional[int] = None, dropout: float = 0.0, num_groups: int = 32
+    ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = normalization(in_channels)
+        self.norm1 = normalization(in_channels, num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = normalization(out_channels)
+        self.norm2 = normalization(out_channels, num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -105,10 +107,12 @@ class LinAttnBlock(nn.Module):
         return self.to_out(rearrange(out, "b c (h w) -> b c h w", h=h, w=w))
 
 
-def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
+def make_attn(in_channels: int, attn_type: str = "vanilla", num_groups: int = 32) -> nn.Module:
     """Attention block by CompVis' ``attn_type`` name (``vanilla-xformers`` is the same math as vanilla)."""
     if attn_type in ("vanilla", "vanilla-xformers"):
-        return AttnBlock(in_channels)
+        block = AttnBlock(in_channels)
+        block.norm = normalization(in_channels, num_groups)  # same key (norm.*), configurable groups
+        return block
     if attn_type == "linear":
         return LinAttnBlock(in_channels)
     if attn_type == "none":
@@ -135,11 +139,11 @@ class _Level(nn.Module):
 class _Mid(nn.Module):
     """Middle of the network at the lowest resolution: ResNet -> attention -> ResNet."""
 
-    def __init__(self, channels: int, dropout: float, attn_type: str):
+    def __init__(self, channels: int, dropout: float, attn_type: str, num_groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
-        self.attn_1 = make_attn(channels, attn_type)
-        self.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
+        self.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout, num_groups=num_groups)
+        self.attn_1 = make_attn(channels, attn_type, num_groups)
+        self.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout, num_groups=num_groups)
 
 
 class _Checkpointed(nn.Module):
@@ -176,6 +180,7 @@ class Encoder(_Checkpointed):
         double_z: bool = True,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm_num_groups: int = 32,
         use_checkpoint: bool = False,
         **ignored,  # CompVis' Encoder also accepts (and ignores) the decoder-only keys of a shared ddconfig
     ):
@@ -197,18 +202,20 @@ class Encoder(_Checkpointed):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                block.append(
+                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout, num_groups=norm_num_groups)
+                )
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
+                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
             level = _Level(block, attn)
             if i_level != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in, resamp_with_conv)
                 curr_res //= 2
             self.down.append(level)
 
-        self.mid = _Mid(block_in, dropout, attn_type)
-        self.norm_out = normalization(block_in)
+        self.mid = _Mid(block_in, dropout, attn_type, norm_num_groups)
+        self.norm_out = normalization(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,6 +256,7 @@ class Decoder(_Checkpointed):
         tanh_out: bool = False,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm_num_groups: int = 32,
         use_checkpoint: bool = False,
         **ignored,  # e.g. ``double_z``, which only the encoder reads
     ):
@@ -268,17 +276,19 @@ class Decoder(_Checkpointed):
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout, attn_type)
+        self.mid = _Mid(block_in, dropout, attn_type, norm_num_groups)
 
         levels: list[_Level] = []
         for i_level in reversed(range(self.num_resolutions)):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                block.append(
+                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout, num_groups=norm_num_groups)
+                )
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
+                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
             level = _Level(block, attn)
             if i_level != 0:
                 level.upsample = Upsample(block_in, resamp_with_conv)
@@ -286,7 +296,7 @@ class Decoder(_Checkpointed):
             levels.insert(0, level)  # up.0 is the highest resolution, as in CompVis
         self.up = nn.ModuleList(levels)
 
-        self.norm_out = normalization(block_in)
+        self.norm_out = normalization(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ and also reads SD 1.x's transformers-layout CLIP text model (see ``ldm.convert.t
     context = ln_final(h_{L-1})  layer="penultimate"  (SD 2.x: OpenCLIP ViT-H/14)
     pooled  = ln_final(h_L)[EOT] @ text_projection   (CLIP text embedding, Radford et al. 2021)
 
-Construction never downloads: weights are random with ``pretrained=None``, read from a local file
-(open_clip, SD single-file, transformers or ldm stage-0 checkpoint), or fetched by open_clip for a
-named tag (which fails with a clear message when offline).
+Nothing is downloaded unless an open_clip tag is named: weights are random with ``pretrained=None``,
+read from a local file (open_clip, SD single-file, transformers or ldm stage-0 checkpoint), or
+fetched by open_clip for a tag (with a clear error asking for a local file when offline).
 """
 
 from __future__ import annotations

@@ -27,9 +27,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ldm.modules.attention import QKVAttentionBlock, SpatialTransformer, normalization
+from ldm.modules.attention import QKVAttentionBlock, SpatialTransformer, maybe_checkpoint, normalization
 
 # The U-Net's own GroupNorms use torch's default eps (SD's GroupNorm32); the transformers use 1e-6.
 UNET_NORM_EPS = 1e-5
@@ -148,9 +147,7 @@ class ResBlock(nn.Module):
             self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
+        return maybe_checkpoint(self, self.use_checkpoint, self._forward, x, emb)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.updown:

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 
 def check_missing_values(cfg: DictConfig) -> None:
     """Refuse to start when a mandatory value (``???``) was not given; name every such key."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
     if missing:
         keys = ", ".join(missing)
         raise ConfigError(

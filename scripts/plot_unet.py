@@ -1,14 +1,15 @@
 """Draw the figures of docs/unet.md from the code itself (nothing here is hand-entered).
 
-    python docs/figures/unet_figures.py            # writes docs/figures/unet_*.png
+    python scripts/plot_unet.py [--out-dir docs/img]
 
-- unet_topology.png: every block of the SD 1.5 U-Net (built on the meta device from the released
-  config) with its output channels and resolution; blocks with attention are marked.
+- unet_topology.png: every block of the SD 1.5 U-Net (built on the meta device from
+  configs/model/unet/sd15.yaml) with its output channels and resolution; attention is marked.
 - unet_timestep_embedding.png: the sinusoidal timestep features fed to ``time_embed``.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import matplotlib
@@ -16,14 +17,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.modules.attention import SpatialTransformer  # noqa: E402
 from ldm.modules.unet import Downsample, ResBlock, Upsample, UNetModel, timestep_embedding  # noqa: E402
 
-OUT = Path(__file__).resolve().parent
-SD15 = dict(image_size=64, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
-            num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
-            transformer_depth=1, context_dim=768, legacy=False)
+SD15_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "unet" / "sd15.yaml"
 
 
 def block_table(model: UNetModel, latent: int) -> list[tuple[str, int, int, bool, str]]:
@@ -54,7 +53,7 @@ def block_table(model: UNetModel, latent: int) -> list[tuple[str, int, int, bool
 
 def draw_topology(path: Path) -> None:
     with torch.device("meta"):
-        model = UNetModel(**SD15)
+        model = UNetModel(**OmegaConf.to_container(OmegaConf.load(SD15_CONFIG)))
     rows = block_table(model, latent=64)
     fig, ax = plt.subplots(figsize=(13, 4.2))
     colors = {"conv": "#999999", "res": "#4C72B0", "down": "#DD8452", "res+up": "#55A868"}
@@ -89,7 +88,15 @@ def draw_timestep_embedding(path: Path) -> None:
     plt.close(fig)
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=Path("docs/img"))
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name, draw in (("unet_topology.png", draw_topology), ("unet_timestep_embedding.png", draw_timestep_embedding)):
+        draw(args.out_dir / name)
+        print(f"wrote {args.out_dir / name}")
+
+
 if __name__ == "__main__":
-    draw_topology(OUT / "unet_topology.png")
-    draw_timestep_embedding(OUT / "unet_timestep_embedding.png")
-    print(f"wrote {OUT / 'unet_topology.png'} and {OUT / 'unet_timestep_embedding.png'}")
+    main()

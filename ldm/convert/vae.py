@@ -18,7 +18,7 @@ keep their names. Old diffusers attention names (``query/key/value/proj_attn``) 
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -89,14 +89,18 @@ def sd_to_diffusers_vae(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     """Original SD autoencoder keys (``encoder.*``, ``decoder.*``, ``quant_conv``, ``post_quant_conv``;
     no ``first_stage_model.`` prefix) -> diffusers ``AutoencoderKL`` keys."""
     n = _num_levels(state_dict, r"decoder\.up\.(\d+)\.")
-    rules = [
+
+    def up(m: re.Match) -> str:  # SD stores decoder levels highest resolution first, diffusers lowest first
+        return f"decoder.up_blocks.{n - 1 - int(m[1])}"
+
+    rules: list[Rule] = [
         (r"(encoder|decoder)\.norm_out\.", lambda m: (f"{m[1]}.conv_norm_out.", "plain")),
         (r"encoder\.down\.(\d+)\.block\.(\d+)\.", lambda m: (f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.", "resnet")),
         (r"encoder\.down\.(\d+)\.attn\.(\d+)\.", lambda m: (f"encoder.down_blocks.{m[1]}.attentions.{m[2]}.", "attn")),
         (r"encoder\.down\.(\d+)\.downsample\.", lambda m: (f"encoder.down_blocks.{m[1]}.downsamplers.0.", "plain")),
-        (r"decoder\.up\.(\d+)\.block\.(\d+)\.", lambda m: (f"decoder.up_blocks.{n - 1 - int(m[1])}.resnets.{m[2]}.", "resnet")),
-        (r"decoder\.up\.(\d+)\.attn\.(\d+)\.", lambda m: (f"decoder.up_blocks.{n - 1 - int(m[1])}.attentions.{m[2]}.", "attn")),
-        (r"decoder\.up\.(\d+)\.upsample\.", lambda m: (f"decoder.up_blocks.{n - 1 - int(m[1])}.upsamplers.0.", "plain")),
+        (r"decoder\.up\.(\d+)\.block\.(\d+)\.", lambda m: (f"{up(m)}.resnets.{m[2]}.", "resnet")),
+        (r"decoder\.up\.(\d+)\.attn\.(\d+)\.", lambda m: (f"{up(m)}.attentions.{m[2]}.", "attn")),
+        (r"decoder\.up\.(\d+)\.upsample\.", lambda m: (f"{up(m)}.upsamplers.0.", "plain")),
         (r"(encoder|decoder)\.mid\.block_(\d+)\.", lambda m: (f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.", "resnet")),
         (r"(encoder|decoder)\.mid\.attn_1\.", lambda m: (f"{m[1]}.mid_block.attentions.0.", "attn")),
     ]
@@ -106,14 +110,18 @@ def sd_to_diffusers_vae(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
 def diffusers_to_sd_vae(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers ``AutoencoderKL`` keys -> original SD autoencoder keys (without ``first_stage_model.``)."""
     n = _num_levels(state_dict, r"decoder\.up_blocks\.(\d+)\.")
-    rules = [
+
+    def up(m: re.Match) -> str:
+        return f"decoder.up.{n - 1 - int(m[1])}"
+
+    rules: list[Rule] = [
         (r"(encoder|decoder)\.conv_norm_out\.", lambda m: (f"{m[1]}.norm_out.", "plain")),
         (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: (f"encoder.down.{m[1]}.block.{m[2]}.", "resnet")),
         (r"encoder\.down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: (f"encoder.down.{m[1]}.attn.{m[2]}.", "attn")),
         (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: (f"encoder.down.{m[1]}.downsample.", "plain")),
-        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: (f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.", "resnet")),
-        (r"decoder\.up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: (f"decoder.up.{n - 1 - int(m[1])}.attn.{m[2]}.", "attn")),
-        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: (f"decoder.up.{n - 1 - int(m[1])}.upsample.", "plain")),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: (f"{up(m)}.block.{m[2]}.", "resnet")),
+        (r"decoder\.up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: (f"{up(m)}.attn.{m[2]}.", "attn")),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: (f"{up(m)}.upsample.", "plain")),
         (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: (f"{m[1]}.mid.block_{int(m[2]) + 1}.", "resnet")),
         (r"(encoder|decoder)\.mid_block\.attentions\.0\.", lambda m: (f"{m[1]}.mid.attn_1.", "attn")),
     ]

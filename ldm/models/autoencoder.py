@@ -8,8 +8,8 @@ the posterior mode over the last validation set; the diffusion stage normalises 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -54,14 +54,14 @@ class AutoencoderKL(L.LightningModule):
         self,
         ddconfig: dict,
         embed_dim: int,
-        loss: Optional[dict] = None,
-        optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
-        disc_optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
-        scheduler: Optional[Callable[..., Any]] = None,
-        grad_clip: Optional[float] = None,
+        loss: dict | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        disc_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        grad_clip: float | None = None,
         image_key: str = "image",
         monitor: str = "val/psnr",
-        ckpt_path: Optional[str] = None,
+        ckpt_path: str | None = None,
         num_log_images: int = 8,
     ):
         super().__init__()
@@ -71,7 +71,7 @@ class AutoencoderKL(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "disc_optimizer", "scheduler", "ckpt_path"])
         self.automatic_optimization = False
         if not ddconfig.get("double_z", True):
-            raise ValueError("AutoencoderKL needs ddconfig.double_z=true (the encoder predicts mean and log-variance).")
+            raise ValueError("AutoencoderKL needs ddconfig.double_z=true (the encoder predicts mean and log-variance)")
         self._optimizer = optimizer
         self._disc_optimizer = disc_optimizer
         self._scheduler = scheduler
@@ -91,7 +91,7 @@ class AutoencoderKL(L.LightningModule):
         # NaN until measured: a consumer can tell "never measured" from a real (0, 1).
         self.register_buffer("latent_mean", torch.full((embed_dim,), float("nan")))
         self.register_buffer("latent_std", torch.full((embed_dim,), float("nan")))
-        self._latent_moments: Optional[torch.Tensor] = None  # [2 * embed_dim + 1]: sum, sum of squares, count
+        self._latent_moments: torch.Tensor | None = None  # [2 * embed_dim + 1]: sum, sum of squares, count
 
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -110,7 +110,7 @@ class AutoencoderKL(L.LightningModule):
         return self.decoder(self.post_quant_conv(z))
 
     def forward(
-        self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
@@ -129,7 +129,9 @@ class AutoencoderKL(L.LightningModule):
         expected = self.hparams.ddconfig["in_channels"]
         if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != expected or not x.is_floating_point():
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"batch['{self.image_key}'] must be a float tensor [B, {expected}, H, W] in [-1, 1]; got {shape}.")
+            raise ValueError(
+                f"batch['{self.image_key}'] must be a float tensor [B, {expected}, H, W] in [-1, 1]; got {shape}."
+            )
         return x
 
     # ------------------------------------------------------------------ training

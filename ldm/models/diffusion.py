@@ -190,10 +190,8 @@ class LatentDiffusion(L.LightningModule):
             self.latent_stats_ready.fill_(True)
             return
         stats = self.first_stage_model.latent_stats()
-        if stats is None:
-            log.info("The autoencoder carries no latent statistics: estimating them on the first batch.")
-            return
-        self._set_latent_stats(*stats)
+        if stats is not None:  # otherwise estimated on the first training batch
+            self._set_latent_stats(*stats)
 
     def _set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         std = std.clamp_min(1e-6)

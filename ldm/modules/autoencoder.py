@@ -16,7 +16,7 @@ nearest-neighbour upsampling followed by a 3x3 conv.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ class ResnetBlock(nn.Module):
     """
 
     def __init__(
-        self, *, in_channels: int, out_channels: Optional[int] = None, dropout: float = 0.0, num_groups: int = 32
+        self, *, in_channels: int, out_channels: int | None = None, dropout: float = 0.0, num_groups: int = 32
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -141,9 +141,9 @@ class _Mid(nn.Module):
 
     def __init__(self, channels: int, dropout: float, attn_type: str, num_groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout, num_groups=num_groups)
+        self.block_1 = ResnetBlock(in_channels=channels, dropout=dropout, num_groups=num_groups)
         self.attn_1 = make_attn(channels, attn_type, num_groups)
-        self.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout, num_groups=num_groups)
+        self.block_2 = ResnetBlock(in_channels=channels, dropout=dropout, num_groups=num_groups)
 
 
 class _Checkpointed(nn.Module):
@@ -202,9 +202,9 @@ class Encoder(_Checkpointed):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                block.append(
-                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout, num_groups=norm_num_groups)
-                )
+                block.append(ResnetBlock(
+                    in_channels=block_in, out_channels=block_out, dropout=dropout, num_groups=norm_num_groups
+                ))
                 block_in = block_out
                 if curr_res in attn_resolutions:
                     attn.append(make_attn(block_in, attn_type, norm_num_groups))
@@ -283,9 +283,9 @@ class Decoder(_Checkpointed):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                block.append(
-                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout, num_groups=norm_num_groups)
-                )
+                block.append(ResnetBlock(
+                    in_channels=block_in, out_channels=block_out, dropout=dropout, num_groups=norm_num_groups
+                ))
                 block_in = block_out
                 if curr_res in attn_resolutions:
                     attn.append(make_attn(block_in, attn_type, norm_num_groups))
@@ -350,7 +350,7 @@ class DiagonalGaussianDistribution:
             self.std = torch.exp(0.5 * self.logvar)
             self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised sample ``mean + std * eps`` (Kingma & Welling 2014, eq. 10 sampling)."""
         eps = torch.randn(
             self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
@@ -360,7 +360,7 @@ class DiagonalGaussianDistribution:
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def kl(self, other: Optional["DiagonalGaussianDistribution"] = None) -> torch.Tensor:
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
         """KL(q || p) summed over C, h, w -> [B]; p = N(0, I) by default (Kingma & Welling 2014, eq. 10):
         ``0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2)``."""
         if self.deterministic:

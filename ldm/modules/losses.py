@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ class LPIPS(nn.Module):
     x, y: [B, 3, H, W] in [-1, 1] -> [B, 1, 1, 1].
     """
 
-    def __init__(self, weights_path: Union[str, Path]):
+    def __init__(self, weights_path: str | Path):
         super().__init__()
         from torchmetrics.functional.image import lpips as tm_lpips
 
@@ -53,7 +52,7 @@ class LPIPS(nn.Module):
         self.net.requires_grad_(False)
         self.net.eval()
 
-    def train(self, mode: bool = True) -> "LPIPS":  # frozen metric network: never leave eval mode
+    def train(self, mode: bool = True) -> LPIPS:  # frozen metric network: never leave eval mode
         return super().train(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -105,7 +104,7 @@ class AutoencoderLoss(nn.Module):
         disc_ndf: int = 64,
         disc_in_channels: int = 3,
         perceptual_weight: float = 0.0,
-        lpips_weights: Optional[str] = None,
+        lpips_weights: str | None = None,
     ):
         super().__init__()
         if rec_loss not in ("l1", "l2"):
@@ -117,7 +116,7 @@ class AutoencoderLoss(nn.Module):
         self.disc_factor = float(disc_factor)
         self.perceptual_weight = float(perceptual_weight)
 
-        self.perceptual_loss: Optional[LPIPS] = None
+        self.perceptual_loss: LPIPS | None = None
         if self.perceptual_weight > 0:
             if lpips_weights is None or not os.path.isfile(lpips_weights):
                 raise FileNotFoundError(
@@ -128,7 +127,7 @@ class AutoencoderLoss(nn.Module):
                 )
             self.perceptual_loss = LPIPS(lpips_weights)
 
-        self.discriminator: Optional[NLayerDiscriminator] = None
+        self.discriminator: NLayerDiscriminator | None = None
         if self.disc_weight > 0 and self.disc_factor > 0:
             self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers)
 
@@ -146,7 +145,7 @@ class AutoencoderLoss(nn.Module):
         inputs: torch.Tensor,
         reconstructions: torch.Tensor,
         posterior: DiagonalGaussianDistribution,
-        last_layer: Optional[torch.Tensor] = None,
+        last_layer: torch.Tensor | None = None,
         use_gan: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder objective for one batch; returns (loss, detached per-term logs).
@@ -178,7 +177,7 @@ class AutoencoderLoss(nn.Module):
         return loss, logs
 
     def adaptive_weight(
-        self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: Optional[torch.Tensor]
+        self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None
     ) -> torch.Tensor:
         """Balance the GAN gradient against the reconstruction gradient at the decoder's last layer
         (Esser et al. 2021, eq. 7): ``disc_weight * ||grad nll|| / (||grad g|| + 1e-4)``, clamped to [0, 1e4]."""
@@ -194,7 +193,7 @@ class AutoencoderLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Hinge loss of the PatchGAN on real inputs vs. (detached) reconstructions."""
         if self.discriminator is None:
-            raise RuntimeError("discriminator_loss called but the GAN is disabled (disc_weight or disc_factor is 0).")
+            raise RuntimeError("discriminator_loss called, but the GAN is off (disc_weight or disc_factor is 0).")
         logits_real = self.discriminator(inputs.detach())
         logits_fake = self.discriminator(reconstructions.detach())
         d_loss = self.disc_factor * hinge_d_loss(logits_real, logits_fake)

@@ -11,8 +11,8 @@ only; a trainer without loggers makes it a no-op.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +30,8 @@ def log_image_grid(
     key: str,
     images: torch.Tensor,
     step: int,
-    captions: Optional[Sequence[str]] = None,
-    ncol: Optional[int] = None,
+    captions: Sequence[str] | None = None,
+    ncol: int | None = None,
 ) -> list[Path]:
     """Log ``images`` [N, 1 or 3, H, W] in [0, 1] as one grid to each of ``trainer.loggers``.
 

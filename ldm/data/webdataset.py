@@ -1,0 +1,276 @@
+"""LightningDataModule over WebDataset shards of image-caption pairs.
+
+Batches are dicts ``{"image": FloatTensor [B, 3, H, W] in [-1, 1], "caption": list[str],
+"key": list[str], "n_skipped": LongTensor [], "n_empty_caption": LongTensor []}``; bad data is
+skipped and counted (policy in :mod:`ldm.data.stages`), summed by
+:class:`ldm.callbacks.skipped_samples.SkippedSamplesCallback`.
+
+Training streams are ``resampled`` by default: every rank and worker draws shards at random with
+replacement, and the epoch is cut to exactly ``batches_per_epoch`` batches per rank (split evenly
+over workers), so DDP ranks never run out of data at different times. Validation reads each shard
+once (split over ranks and workers), keeps the last partial batch, and applies no random transform.
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from ldm.data.shards import build_embedded_shards
+from ldm.data.stages import BatchSamples, DecodeSamples, SkipCounter, TakeWorkerShare
+from ldm.data.transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+
+Shards = str | Sequence[str]
+
+
+def _plain(value: Any) -> Any:
+    """Config containers (e.g. OmegaConf) -> plain dicts/lists, so hyperparameters stay checkpoint-safe."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_local(url: str) -> bool:
+    return url.startswith("file:") or ("://" not in url and not url.startswith("pipe:"))
+
+
+def expand_shards(shards: Shards) -> list[str]:
+    """Brace patterns (``a-{000..009}.tar``), ``::``-joined patterns, local globs and lists -> URL list."""
+    patterns = [shards] if isinstance(shards, str) else list(shards)
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in wds.shardlists.expand_urls(str(pattern)):
+            if _is_local(url) and glob.has_magic(url.removeprefix("file:")):
+                urls.extend(sorted(glob.glob(os.path.expanduser(url.removeprefix("file:")))))
+            else:
+                urls.append(os.path.expanduser(url) if _is_local(url) else url)
+    return urls
+
+
+def missing_local_shards(shards: Shards) -> tuple[list[str], list[str]]:
+    """(expanded URLs, the local ones among them that do not exist)."""
+    urls = expand_shards(shards)
+    return urls, [u for u in urls if _is_local(u) and not Path(u.removeprefix("file:")).is_file()]
+
+
+class EpochPipeline(wds.DataPipeline):
+    """A pipeline with ``__len__`` = batches per epoch, so Lightning knows the epoch length.
+
+    (``DataPipeline.with_length`` builds a class at runtime, which spawn-started workers cannot unpickle.)
+    """
+
+    def __init__(self, *stages: Any, length: int):
+        super().__init__(*stages)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class WebDataModule(L.LightningDataModule):
+    """Image-caption batches from WebDataset shards (local paths, brace patterns, globs or URLs).
+
+    Args:
+        train_shards / val_shards: shard pattern(s); either may be None when that stage is unused.
+        image_size: output side in pixels (shorter side resized, then cropped square).
+        batch_size / val_batch_size: per-rank batch sizes (val defaults to ``batch_size``).
+        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader options
+            (``pin_memory``/``persistent_workers`` default to "CUDA available" / "num_workers > 0").
+        shuffle_buffer: sample shuffle buffer per worker (0 disables).
+        shardshuffle: shard-order shuffle buffer when not resampled (0/False disables).
+        resampled: draw training shards with replacement (infinite stream cut into epochs).
+        batches_per_epoch: training batches per rank per epoch. ``samples_per_epoch`` (global,
+            all ranks) is the alternative; one of them is required when resampled.
+        random_crop / random_flip: training augmentation. Keep ``random_flip`` False for captions
+            that mention "left"/"right" (shapes).
+        build: embedded-source spec for :func:`ldm.data.shards.build_embedded_shards`; when given,
+            ``prepare_data`` writes the shards if the patterns match no file.
+        build_dir: where ``build`` writes (default: the folder of ``train_shards``).
+    """
+
+    def __init__(
+        self,
+        train_shards: Shards | None,
+        val_shards: Shards | None,
+        image_size: int,
+        batch_size: int,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        shardshuffle: int | bool = 100,
+        resampled: bool = True,
+        batches_per_epoch: int | None = None,
+        samples_per_epoch: int | None = None,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        prefetch_factor: int | None = None,
+        build: Mapping[str, Any] | None = None,
+        build_dir: str | None = None,
+    ):
+        super().__init__()
+        train_shards, val_shards, build = _plain(train_shards), _plain(val_shards), _plain(build)
+        if train_shards is None and val_shards is None:
+            raise ValueError("give train_shards and/or val_shards")
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {val_batch_size}")
+        if batches_per_epoch is not None and samples_per_epoch is not None:
+            raise ValueError("set batches_per_epoch or samples_per_epoch, not both")
+        if resampled and train_shards is not None and batches_per_epoch is None and samples_per_epoch is None:
+            raise ValueError(
+                "resampled=True makes the training stream infinite: set batches_per_epoch (per rank) "
+                "or samples_per_epoch (all ranks) to define an epoch"
+            )
+        if build is not None and build_dir is None and train_shards is None:
+            raise ValueError("build needs build_dir when train_shards is None")
+        val_batch_size = val_batch_size or batch_size
+        shardshuffle = 100 if shardshuffle is True else int(shardshuffle)
+        pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        # Saves the (normalised) arguments above. The explicit frame skips Lightning's self-referencing
+        # frame lookup, a reference cycle that keeps the caller's locals (e.g. DataLoaders with live
+        # workers) alive until a GC pass.
+        self.save_hyperparameters(frame=inspect.currentframe())
+        self.train_dataset: wds.DataPipeline | None = None
+        self.val_dataset: wds.DataPipeline | None = None
+
+    # ----------------------------------------------------------------------------- shard discovery
+    def _patterns(self) -> dict[str, Shards]:
+        return {k: self.hparams[f"{k}_shards"] for k in ("train", "val") if self.hparams[f"{k}_shards"] is not None}
+
+    def prepare_data(self) -> None:
+        """Write embedded shards when ``build`` is set and the patterns match no file yet (rank 0 per node)."""
+        build = self.hparams.build
+        if build is None:
+            return
+        todo = []
+        for split, pattern in self._patterns().items():
+            urls, missing = missing_local_shards(pattern)
+            if split in build["splits"] and urls and len(missing) == len(urls):
+                todo.append(split)
+        if todo:
+            out_dir = self.hparams.build_dir or str(Path(expand_shards(self.hparams.train_shards)[0]).parent)
+            log.info("building %s shards for %s in %s (first run only)", build["source"], todo, out_dir)
+            build_embedded_shards({**build, "splits": {s: build["splits"][s] for s in todo}}, out_dir)
+
+    def _check_shards(self, split: str) -> list[str]:
+        pattern = self._patterns()[split]
+        urls, missing = missing_local_shards(pattern)
+        if not urls or missing:
+            what = "matches no shard" if not urls or len(missing) == len(urls) else (
+                f"names {len(missing)} missing shard(s) of {len(urls)}, e.g. {missing[0]}"
+            )
+            raise FileNotFoundError(
+                f"{split}_shards {pattern!r} {what}. Create shards with "
+                "`python scripts/make_shards.py --source shapes|digits|photos|folder --out DIR ...` and point "
+                f"data.{split}_shards at them, or use a data config with a `build:` spec (e.g. data=shapes32)."
+            )
+        return urls
+
+    # ----------------------------------------------------------------------------- pipelines
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    def train_batches_per_epoch(self) -> int | None:
+        """Training batches per rank per epoch (None: one pass over the shards)."""
+        hp = self.hparams
+        if hp.batches_per_epoch is not None:
+            return int(hp.batches_per_epoch)
+        if hp.samples_per_epoch is not None:
+            return max(1, math.ceil(hp.samples_per_epoch / (hp.batch_size * self._world_size())))
+        return None
+
+    def _make_train(self, urls: list[str]) -> wds.DataPipeline:
+        hp = self.hparams
+        counter = SkipCounter("train")
+        n_batches = self.train_batches_per_epoch()
+        readers = self._world_size() * max(1, hp.num_workers)
+        if hp.resampled:
+            stages: list[Any] = [wds.ResampledShards(urls)]
+        else:
+            if len(urls) < readers:
+                raise ValueError(
+                    f"{len(urls)} training shard(s) cannot feed {readers} readers (ranks x workers) without "
+                    "resampling; write more shards (--samples-per-shard) or set resampled=true"
+                )
+            if n_batches is None and self._world_size() > 1:
+                log.warning("non-resampled training without batches_per_epoch: DDP ranks may get unequal batches")
+            stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+            if hp.shardshuffle:
+                stages.append(wds.shuffle(hp.shardshuffle))
+        stages.append(wds.tarfile_to_samples(handler=counter.handler))
+        if hp.shuffle_buffer:
+            stages.append(wds.shuffle(hp.shuffle_buffer, initial=min(hp.shuffle_buffer, 100)))
+        transform = ImageTransform(hp.image_size, random_crop=hp.random_crop, random_flip=hp.random_flip)
+        stages += [DecodeSamples(transform, counter), BatchSamples(hp.batch_size, counter, partial=False)]
+        pipeline = wds.DataPipeline(*stages)
+        if n_batches is None:
+            return pipeline
+        if not hp.resampled:
+            pipeline = pipeline.repeat()  # finite shard list: restart it until the epoch is full
+        return EpochPipeline(pipeline, TakeWorkerShare(n_batches), length=n_batches)
+
+    def _make_val(self, urls: list[str]) -> wds.DataPipeline:
+        hp = self.hparams
+        if len(urls) < self._world_size():
+            log.warning(
+                "%d val shard(s) for %d ranks: some ranks get no validation data", len(urls), self._world_size()
+            )
+        counter = SkipCounter("val")
+        return wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=counter.handler),
+            DecodeSamples(ImageTransform(hp.image_size), counter),
+            BatchSamples(hp.val_batch_size, counter, partial=True),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        patterns = self._patterns()
+        if stage in (None, "fit") and "train" in patterns:
+            self.train_dataset = self._make_train(self._check_shards("train"))
+        if stage in (None, "fit", "validate", "test") and "val" in patterns:
+            self.val_dataset = self._make_val(self._check_shards("val"))
+
+    def _loader(self, dataset: wds.DataPipeline) -> DataLoader:
+        hp = self.hparams
+        workers = hp.num_workers > 0
+        return DataLoader(
+            dataset,
+            batch_size=None,  # batching happens inside the pipeline
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers and workers,
+            prefetch_factor=hp.prefetch_factor if workers else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise RuntimeError("no training data: set train_shards and call setup('fit') first")
+        return self._loader(self.train_dataset)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            raise RuntimeError("no validation data: set val_shards and call setup('fit' or 'validate') first")
+        return self._loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation shards (the embedded sources have no separate test split)."""
+        return self.val_dataloader()

@@ -28,6 +28,7 @@ setup(
         "wandb>=0.16",
         "tensorboard>=2.14",
         "torchmetrics>=1.3",
+        "torch-fidelity>=0.3",  # torchmetrics' InceptionV3 FID features (weights from a local file)
         "einops>=0.7",
         "safetensors>=0.4",
         "rich>=13",

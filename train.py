@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import ldm.utils.resolvers  # noqa: E402,F401  (registers ${wandb_offline:} and ${eval:...})
+from ldm.utils.guards import check_run  # noqa: E402
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers  # noqa: E402
 from ldm.utils.run import (  # noqa: E402
     apply_extras,
@@ -45,6 +46,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     log.info(f"Instantiating model <{cfg.model._target_}>")
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
+    check_run(datamodule, model)  # data-vs-model mismatches fail here, before any step
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")

@@ -99,8 +99,12 @@ class _WarmupThen:
     """
 
     def __init__(self, warmup_steps: int, total_steps: Optional[int], shape: str, min_ratio: float):
-        if shape != "constant" and not total_steps:
-            raise ValueError(f"LR schedule '{shape}' needs total_steps > 0 (got {total_steps}).")
+        if shape != "constant" and (not total_steps or total_steps < 0):
+            raise ValueError(
+                f"LR schedule '{shape}' needs total_steps > 0 (got {total_steps}). Its configs take "
+                "total_steps from trainer.max_steps: set trainer.max_steps (not -1), or set "
+                "model.scheduler.total_steps, or use ldm.optim.warmup_constant for runs that end by epochs."
+            )
         if total_steps and warmup_steps > total_steps:
             warnings.warn(
                 f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}: warming up over the whole run "

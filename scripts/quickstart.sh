@@ -1,25 +1,60 @@
 #!/usr/bin/env bash
-# The quickstart run by `make quickstart`: embedded data -> CLIP (stage 0) -> autoencoder (stage 1)
-# -> latent diffusion (stage 2) -> text-to-image grid -> evaluation table. CPU, offline.
-# Environment: PY (python of the venv), OUT (output root, default outputs/quickstart).
+# The quickstart run by `make quickstart`, offline on CPU:
+#   embedded shapes shards -> stage 0 CLIP || stage 1 autoencoder (in parallel, one core each)
+#   -> stage 2 text-to-image latent diffusion (both cores) -> sample grid + evaluation table.
+# Environment: PY (python of the venv), OUT (output root, default outputs/quickstart),
+#              FIGURES (optional: copy the pictures there, e.g. docs/images for the README).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/quickstart}
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 start=$(date +%s)
-stamp() { echo "[quickstart] $(( $(date +%s) - start ))s: $*"; }
+stamp() { echo "[quickstart $(( $(date +%s) - start ))s] $*"; }
+# Hydra runs of this script land in $OUT/<stage>, without re-printing the whole config.
+run_args() { echo "hydra.run.dir=$OUT/$1 extras.print_config=false logger=csv"; }
 
-stamp "building embedded shards (shapes, 32 px)"
-$PY scripts/make_shards.py --source shapes --resolution 32 --num-train 20000 --num-val 512 \
-    --out data/shapes32 --skip-existing
+stamp "building the embedded shapes shards (32 px; kept if they exist)"
+$PY scripts/prepare_data.py data=shapes32 hydra.run.dir="$OUT/prepare_data" hydra.output_subdir=null
 
-stamp "stage 1: autoencoder"
-$PY train.py experiment=quickstart_autoencoder hydra.run.dir="$OUT/autoencoder" extras.print_config=false
+stamp "stage 0 (CLIP) and stage 1 (autoencoder) in parallel, one core each; logs in $OUT/*.log"
+OMP_NUM_THREADS=1 $PY train.py experiment=quickstart_clip $(run_args clip) > "$OUT/clip.log" 2>&1 &
+clip_pid=$!
+OMP_NUM_THREADS=1 $PY train.py experiment=quickstart_autoencoder $(run_args autoencoder) > "$OUT/autoencoder.log" 2>&1 &
+ae_pid=$!
+status=0
+wait $clip_pid || { echo "CLIP stage failed; see $OUT/clip.log"; tail -20 "$OUT/clip.log"; status=1; }
+wait $ae_pid || { echo "autoencoder stage failed; see $OUT/autoencoder.log"; tail -20 "$OUT/autoencoder.log"; status=1; }
+[ $status -eq 0 ] || exit 1
+CLIP_CKPT="$OUT/clip/checkpoints/last.ckpt"
 AE_CKPT="$OUT/autoencoder/checkpoints/last.ckpt"
+stamp "stages 0 and 1 done: $CLIP_CKPT, $AE_CKPT"
 
-stamp "reconstructions"
-$PY scripts/reconstruct.py --ckpt "$AE_CKPT" --data-dir data/shapes32 --out "$OUT/reconstructions.png"
+stamp "stage 2: latent diffusion conditioned on the stage-0 text tower"
+$PY train.py experiment=quickstart_ldm $(run_args ldm) \
+    model.first_stage_config.ckpt_path="$AE_CKPT" model.cond_stage_config.pretrained="$CLIP_CKPT"
+LDM_CKPT="$OUT/ldm/checkpoints/last.ckpt"
+
+stamp "pictures: autoencoder reconstructions and training curves"
+$PY scripts/plot_reconstructions.py --ckpt "$AE_CKPT" --shards "data/shapes32/val-000000.tar" \
+    --out "$OUT/reconstructions.png"
+$PY scripts/plot_training.py --run "$OUT/clip" --run "$OUT/autoencoder" --run "$OUT/ldm" \
+    --out "$OUT/training_curves.png"
+
+stamp "evaluation: 12 images for each of the 18 'a {color} {shape}' prompts, DPM-Solver++(2M) 20 steps"
+$PY scripts/evaluate.py ckpt="$LDM_CKPT" prompt_set=shapes n_per_prompt=12 sampler=dpmpp_2m steps=20 \
+    clip_ckpt="$CLIP_CKPT" real_shards=data/shapes32/val-000000.tar out="$OUT/eval"
+
+if [ -n "${FIGURES:-}" ]; then
+    mkdir -p "$FIGURES"
+    cp "$OUT/eval/samples.png" "$FIGURES/quickstart_samples.png"
+    cp "$OUT/reconstructions.png" "$FIGURES/quickstart_reconstructions.png"
+    cp "$OUT/training_curves.png" "$FIGURES/quickstart_training_curves.png"
+    stamp "copied the pictures to $FIGURES"
+fi
 
 stamp "done in $(( $(date +%s) - start ))s"
 echo "Reconstruction grid: $OUT/reconstructions.png"
+echo "Training curves:     $OUT/training_curves.png"
+echo "Text-to-image grid:  $OUT/eval/samples.png"

@@ -97,6 +97,8 @@ def test_warmup_linear_values_and_bad_arguments():
     assert sched.lr_lambdas[0].warmup_steps == 10
     with pytest.raises(ValueError, match="needs total_steps"):
         warmup_cosine(opt, total_steps=0)
+    with pytest.raises(ValueError, match="trainer.max_steps"):
+        warmup_linear(opt, total_steps=-1)  # trainer.max_steps=-1: runs that end by epoch count
 
 
 def test_scheduler_state_dict_round_trip_continues_curve():

@@ -15,6 +15,15 @@ from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+# The SD fine-tuning recipes run at reduced width (SD's topology rules kept: 4 levels, attention at 4,2,1,
+# gradient checkpointing, bf16) on 64 px shapes, starting from a tiny original-layout single file.
+TINY_SD = [
+    "trainer=cpu", "data=shapes32", "data.image_size=64", "data.batch_size=2", "trainer.accumulate_grad_batches=1",
+    "model.unet_config.model_channels=32", "model.unet_config.image_size=8", "model.unet_config.context_dim=128",
+    "model.cond_stage_config.arch=ldm-tiny-clip", "model.first_stage_config.ddconfig.ch=32",
+    "model.first_stage_config.ddconfig.resolution=64", "+model.first_stage_config.ddconfig.norm_num_groups=8",
+]
+TINY_SD_HEADS = {"sd15_finetune": [], "sd21_finetune": ["model.unet_config.num_head_channels=8"]}
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +55,27 @@ def _point_at_checkpoints(cfg, checkpoints):
             cond.pretrained = checkpoints["clip"]
 
 
+def _export_tiny_sd_file(cfg, path):
+    """Point ``init_from`` at an original-layout single file holding random weights of the composed model."""
+    import hydra
+
+    from ldm.convert.checkpoint import save_sd_single_file
+
+    with open_dict(cfg):
+        cfg.init_from = None
+        save_sd_single_file(hydra.utils.instantiate(cfg.model, _convert_="all"), path)
+        cfg.init_from = str(path)
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_fast_dev_run(experiment, compose_train, stage_checkpoints):
-    cfg = compose_train([f"experiment={experiment}", "debug=fast_dev_run", "logger=csv"])
+def test_every_experiment_runs_fast_dev_run(experiment, compose_train, stage_checkpoints, tmp_path):
+    tiny_sd = TINY_SD + TINY_SD_HEADS[experiment] if experiment in TINY_SD_HEADS else []
+    cfg = compose_train([f"experiment={experiment}", "debug=fast_dev_run", "logger=csv", *tiny_sd])
     with open_dict(cfg):
         cfg.trainer.detect_anomaly = False  # anomaly mode is slow; fast_dev_run is the check here
     _point_at_checkpoints(cfg, stage_checkpoints)
+    if tiny_sd:
+        _export_tiny_sd_file(cfg, tmp_path / "tiny_sd.safetensors")
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step >= 1
     assert any(k.startswith("train/") for k in metrics), metrics.keys()

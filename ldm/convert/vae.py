@@ -136,3 +136,29 @@ def extract_vae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             break
     return diffusers_to_sd_vae(state_dict) if is_diffusers_vae(state_dict) else dict(state_dict)
+
+
+def diffusers_vae_config(ddconfig: dict, embed_dim: int) -> dict:
+    """``diffusers.AutoencoderKL(**cfg)`` keyword arguments for the topology of an SD ``ddconfig``.
+
+    Raises ValueError for autoencoders diffusers' ``AutoencoderKL`` cannot express.
+    """
+    if not ddconfig.get("double_z", True) or embed_dim != ddconfig["z_channels"]:
+        raise ValueError(f"diffusers' AutoencoderKL needs double_z=True and embed_dim == z_channels "
+                         f"(got double_z={ddconfig.get('double_z', True)}, embed_dim={embed_dim}, "
+                         f"z_channels={ddconfig['z_channels']}); keep this autoencoder in the SD layout.")
+    mult = list(ddconfig["ch_mult"])
+    attn_res = set(ddconfig.get("attn_resolutions") or [])
+    level_attn = [ddconfig["resolution"] // 2**level in attn_res for level in range(len(mult))]
+    return {
+        "in_channels": ddconfig["in_channels"],
+        "out_channels": ddconfig["out_ch"],
+        "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in level_attn],
+        "up_block_types": ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(level_attn)],
+        "block_out_channels": [ddconfig["ch"] * m for m in mult],
+        "layers_per_block": ddconfig["num_res_blocks"],
+        "act_fn": "silu",
+        "latent_channels": ddconfig["z_channels"],
+        "norm_num_groups": ddconfig.get("norm_num_groups", 32),
+        "sample_size": ddconfig["resolution"],
+    }

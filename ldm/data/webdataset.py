@@ -67,6 +67,49 @@ def missing_local_shards(shards: Shards) -> tuple[list[str], list[str]]:
     return urls, [u for u in urls if _is_local(u) and not Path(u.removeprefix("file:")).is_file()]
 
 
+def _probe(url: str) -> str | None:
+    """Why the first bytes of ``url`` cannot be read (None: readable)."""
+    try:
+        stream = open(url.removeprefix("file:"), "rb") if _is_local(url) else wds.gopen(url)
+    except Exception as exn:  # gopen raises various types (ValueError for unknown schemes, OSError, ...)
+        return f"{type(exn).__name__}: {exn}"
+    head, error = b"", None
+    try:
+        head = stream.read(512)
+    except Exception as exn:
+        error = f"{type(exn).__name__}: {exn}"
+    finally:
+        try:
+            stream.close()
+        except Exception as exn:  # a failed pipe/curl reports its exit status on close; one cut short
+            if not head:  # by this early close (SIGPIPE) after sending data is fine
+                error = error or f"{type(exn).__name__}: {exn}"
+    if error is not None:
+        return error
+    if not head and not _is_local(url):  # an empty local file is merely a bad shard (skipped and counted)
+        return "no data (empty response)"
+    return None
+
+
+def unreadable_shard(urls: Sequence[str]) -> tuple[str, str] | None:
+    """(url, reason) for the first shard that cannot be opened and read, else None.
+
+    Every local file is probed (cheap); of remote/``pipe:`` URLs only the first, so a wrong host,
+    missing credentials or a broken command fail at start instead of as a stream of skipped shards.
+    Content errors (a truncated or corrupt tar) are not checked here: they are skipped and counted.
+    """
+    remote_probed = False
+    for url in urls:
+        if not _is_local(url):
+            if remote_probed:
+                continue
+            remote_probed = True
+        reason = _probe(url)
+        if reason is not None:
+            return url, reason
+    return None
+
+
 class EpochPipeline(wds.DataPipeline):
     """A pipeline with ``__len__`` = batches per epoch, so Lightning knows the epoch length.
 
@@ -179,6 +222,13 @@ class WebDataModule(L.LightningDataModule):
                 f"{split}_shards {pattern!r} {what}. Create shards with "
                 "`python scripts/make_shards.py --source shapes|digits|photos|folder --out DIR ...` and point "
                 f"data.{split}_shards at them, or use a data config with a `build:` spec (e.g. data=shapes32)."
+            )
+        unreadable = unreadable_shard(urls)
+        if unreadable is not None:
+            url, reason = unreadable
+            raise OSError(
+                f"{split}_shards: cannot read {url} ({reason}). Check the file's permissions, or for a remote or "
+                f"`pipe:` URL the host, credentials and command (try `curl -fsSL URL | head -c 512`)."
             )
         return urls
 

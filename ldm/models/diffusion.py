@@ -51,7 +51,6 @@ class LatentDiffusion(L.LightningModule):
         ema_decay: EMA decay of the U-Net (None disables EMA).
         timestep_range: [t_min, t_max) sampled during training (curriculum can change it).
         concat_channels: extra U-Net input channels concatenated to the latents (upscaling, inpainting).
-        sampling: defaults for validation sample grids (prompts, sampler, steps, cfg_scale, seed).
     """
 
     def __init__(
@@ -70,7 +69,6 @@ class LatentDiffusion(L.LightningModule):
         ema_decay: Optional[float] = 0.9999,
         timestep_range: Optional[list[int]] = None,
         concat_channels: int = 0,
-        sampling: Optional[dict] = None,
         channels_last: bool = False,
         compile: bool = False,
         optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
@@ -221,7 +219,8 @@ class LatentDiffusion(L.LightningModule):
             raise RuntimeError(
                 "The autoencoder (first stage) has no trained weights: set "
                 "model.first_stage_config.ckpt_path to a stage-1 checkpoint (train one with "
-                "`python train.py experiment=quickstart_autoencoder`)."
+                "`python train.py experiment=quickstart_autoencoder`), or for model=sd15|sd21_base|sd21_v "
+                "set model.init_from=<SD single file or diffusers folder>."
             )
 
     def train(self, mode: bool = True):

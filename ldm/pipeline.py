@@ -63,20 +63,21 @@ def initial_noise(
 @torch.no_grad()
 def sample_latents(
     model,
-    contexts: torch.Tensor,
-    uncond: Optional[torch.Tensor],
+    cond: dict[str, torch.Tensor],
+    uncond: Optional[dict[str, torch.Tensor]],
     noise: torch.Tensor,
     config: SamplingConfig,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Run the configured sampler. contexts/uncond: [B, 77, D]; noise: [B, C, h, w] ~ N(0, I)."""
+    """Run the configured sampler. cond/uncond: the U-Net's text kwargs (``context`` [B, 77, D], and ``y`` [B, E]
+    with pooled-text conditioning) from ``model.encode_conditioning``; noise: [B, C, h, w] ~ N(0, I)."""
     unet = model.sampling_unet(config.use_ema)
     denoiser = DiscreteDenoiser(unet, model.schedule, model.hparams.parameterization)
     if uncond is not None and config.cfg_scale != 1.0:
         denoiser = CFGDenoiser(denoiser, config.cfg_scale)
-        extra_args = {"cond": {"context": contexts}, "uncond": {"context": uncond}}
+        extra_args = {"cond": cond, "uncond": uncond}
     else:
-        extra_args = {"context": contexts}
+        extra_args = dict(cond)
     sigmas = get_sigmas(model.schedule, config.steps, spacing=config.spacing).to(noise.device)
     sampler = get_sampler(config.sampler)
     options = dict(config.sampler_options)
@@ -105,13 +106,14 @@ def text_to_image(model, prompts: Sequence[str], config: Optional[SamplingConfig
     for b in range(batches):
         chunk = prompts[b * config.batch_size:(b + 1) * config.batch_size]
         seeds = [config.seed + b * config.batch_size + i for i in range(len(chunk))]
-        contexts = model.encode_text(chunk).to(device)
+        cond = {k: v.to(device) for k, v in model.encode_conditioning(chunk).items()}
         uncond = None
         if config.cfg_scale != 1.0:
-            uncond = model.encode_text([config.negative_prompt] * len(chunk)).to(device)
+            negative = model.encode_conditioning([config.negative_prompt] * len(chunk))
+            uncond = {k: v.to(device) for k, v in negative.items()}
         noise = initial_noise((channels, h, w), seeds, device)
         generator = torch.Generator(device=device).manual_seed(seeds[0] + 7919)  # ancestral noise
-        z = sample_latents(model, contexts, uncond, noise, config, generator=generator)
+        z = sample_latents(model, cond, uncond, noise, config, generator=generator)
         x = model.decode_latents(z)  # [b, 3, H, W] in ~[-1, 1]
         images.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
     return torch.cat(images)

@@ -1,8 +1,8 @@
 """Stage 2: latent diffusion (Rombach et al. 2022) as a LightningModule that composes blocks.
 
     image --first_stage.encode--> z --normalise--> z0 --q_sample(t, eps)--> z_t
-    caption --(dropped to "" with p for CFG)--> cond_stage.encode --> context [B, 77, D]
-    unet(z_t, t, context) --> eps / v / x0 prediction --> (min-SNR weighted) MSE
+    caption --(dropped to "" with p for CFG)--> cond_stage.encode --> context [B, 77, D] (+ pooled y [B, E])
+    unet(z_t, t, context, y) --> eps / v / x0 prediction --> (min-SNR weighted) MSE
 
 State-dict layout follows the original SD checkpoints: ``model.diffusion_model.*`` (U-Net),
 ``first_stage_model.*`` (autoencoder), ``cond_stage_model.*`` (text encoder), ``model_ema.*``.
@@ -155,6 +155,20 @@ class LatentDiffusion(L.LightningModule):
         """Prompts -> context [B, 77, D]."""
         return self.cond_stage_model.encode(prompts)["context"]
 
+    @property
+    def uses_pooled_text(self) -> bool:
+        """Whether the U-Net also takes the pooled text embedding as y (unet_config.num_classes='sequential')."""
+        return self.unet.num_classes == "sequential"
+
+    def encode_conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts -> the U-Net's text keyword arguments: ``context`` [B, 77, D] for cross-attention and, with
+        pooled-text conditioning (SDXL style), ``y`` [B, E], the pooled embedding added to the timestep embedding."""
+        out = self.cond_stage_model.encode(prompts)
+        cond = {"context": out["context"]}
+        if self.uses_pooled_text:
+            cond["y"] = out["pooled"]
+        return cond
+
     # ------------------------------------------------------------------ set-up checks
     @staticmethod
     def _check_compatible(unet_config: dict, concat: int, first_stage: FirstStage,
@@ -170,6 +184,11 @@ class LatentDiffusion(L.LightningModule):
             raise ValueError(
                 f"U-Net out_channels={unet_config.get('out_channels')} but the autoencoder has "
                 f"z_channels={first_stage.z_channels}: set model.unet_config.out_channels={first_stage.z_channels}."
+            )
+        if unet_config.get("num_classes") == "sequential" and unet_config.get("adm_in_channels") != cond_stage.embed_dim:
+            raise ValueError(
+                f"U-Net adm_in_channels={unet_config.get('adm_in_channels')} but the text encoder's pooled embedding "
+                f"has {cond_stage.embed_dim} features: set model.unet_config.adm_in_channels={cond_stage.embed_dim}."
             )
         context_dim = unet_config.get("context_dim")
         if context_dim is not None and context_dim != cond_stage.width:
@@ -253,7 +272,7 @@ class LatentDiffusion(L.LightningModule):
         """One noising + denoising pass; returns the loss and its parts."""
         z0 = self._latents_from_batch(batch)  # [B, C, h, w]
         captions = self._drop_captions(batch["caption"])
-        context = self.encode_text(captions)  # [B, 77, D]
+        cond = self.encode_conditioning(captions)  # context [B, 77, D] (+ y [B, E])
         t_min, t_max = self.hparams.timestep_range or (0, self.schedule.num_timesteps)
         rng_device = generator.device if generator is not None else z0.device
         t = sample_timesteps(z0.shape[0], self.schedule.num_timesteps, t_min, t_max, generator=generator,
@@ -264,7 +283,7 @@ class LatentDiffusion(L.LightningModule):
         unet = self._compiled_unet or self.unet
         if self.hparams.channels_last:
             z_t = z_t.contiguous(memory_format=torch.channels_last)
-        pred = unet(z_t, t, context=context)
+        pred = unet(z_t, t, **cond)
         target = self.schedule.target(z0, noise, t, self.hparams.parameterization)
         weights = loss_weights(self.schedule, t, self.hparams.parameterization,
                                self.hparams.loss_weighting, self.hparams.snr_gamma)

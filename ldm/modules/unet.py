@@ -5,7 +5,7 @@ parameter names as the original, so the ``model.diffusion_model.*`` weights of S
 checkpoints load without renaming::
 
     time_embed.{0,2}                       timestep MLP (sinusoidal features -> 4 * model_channels)
-    label_emb                              class embedding (only with num_classes)
+    label_emb                              class embedding (num_classes), or an MLP of a vector y (num_classes="sequential")
     input_blocks.0.0                       conv_in
     input_blocks.{i}.0                     ResBlock: in_layers.{0,2}, emb_layers.1, out_layers.{0,3}, skip_connection
     input_blocks.{i}.1                     SpatialTransformer (or QKVAttentionBlock without a context)
@@ -214,7 +214,7 @@ class UNetModel(nn.Module):
         channel_mult: Sequence[int] = (1, 2, 4, 8),
         conv_resample: bool = True,
         dims: int = 2,
-        num_classes: Optional[int] = None,
+        num_classes: Optional[Union[int, str]] = None,
         use_checkpoint: bool = False,
         use_fp16: bool = False,
         num_heads: int = -1,
@@ -231,6 +231,7 @@ class UNetModel(nn.Module):
         num_attention_blocks: Optional[Sequence[int]] = None,
         disable_middle_self_attn: bool = False,
         use_linear_in_transformer: bool = False,
+        adm_in_channels: Optional[int] = None,
     ):
         super().__init__()
         if dims != 2:
@@ -244,8 +245,12 @@ class UNetModel(nn.Module):
             context_dim = int(list(context_dim)[0])
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("Set num_heads or num_head_channels (SD 1.x: num_heads=8; SD 2.x: num_head_channels=64).")
-        if num_classes is not None and not isinstance(num_classes, int):
-            raise ValueError(f"num_classes must be an int (class-embedding table size), got {num_classes!r}.")
+        if num_classes is not None and not isinstance(num_classes, int) and num_classes != "sequential":
+            raise ValueError(f"num_classes must be an int (class-embedding table size) or 'sequential' (a vector "
+                             f"y of adm_in_channels features, SDXL style), got {num_classes!r}.")
+        if num_classes == "sequential" and not adm_in_channels:
+            raise ValueError("num_classes='sequential' embeds a vector y [B, adm_in_channels]: set adm_in_channels "
+                             "(for pooled-text conditioning: the text encoder's embed_dim).")
         if use_fp16:
             warnings.warn("UNetModel ignores use_fp16: choose the precision with the Trainer "
                           "(precision='bf16-mixed' / '16-mixed') or cast the model.", stacklevel=2)
@@ -300,7 +305,12 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
-        if num_classes is not None:
+        if num_classes == "sequential":  # SDXL's vector conditioning; keys label_emb.0.0 / label_emb.0.2
+            self.adm_in_channels = adm_in_channels
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+            ))
+        elif num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
         # ---- encoder
@@ -352,7 +362,8 @@ class UNetModel(nn.Module):
         y: Optional[torch.Tensor] = None,
         concat: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x: [B, C, H, W], timesteps: [B] or scalar, context: [B, M, D], y: [B] class ids,
+        """x: [B, C, H, W], timesteps: [B] or scalar, context: [B, M, D], y: [B] class ids (or
+        [B, adm_in_channels] features with num_classes='sequential', e.g. the pooled text embedding),
         concat: [B, Cc, H, W] extra input channels -> [B, out_channels, H, W]."""
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
@@ -362,7 +373,7 @@ class UNetModel(nn.Module):
         t_emb = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(t_emb)  # [B, 4 * model_channels]
         if self.num_classes is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
 
         hs = []
         h = x
@@ -394,3 +405,6 @@ class UNetModel(nn.Module):
         if (y is None) != (self.num_classes is None):
             raise ValueError("Pass class labels y=[B] if and only if the U-Net was built with num_classes "
                              f"(num_classes={self.num_classes}).")
+        if self.num_classes == "sequential" and (y.ndim != 2 or y.shape != (x.shape[0], self.adm_in_channels)):
+            raise ValueError(f"y must be [B, adm_in_channels] = [{x.shape[0]}, {self.adm_in_channels}] "
+                             f"(num_classes='sequential'), got {tuple(y.shape)}.")

@@ -1,0 +1,71 @@
+"""LatentDiffusion composition: pooled-text (SDXL-style vector) conditioning next to cross-attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.models.diffusion import LatentDiffusion
+from ldm.modules.unet import UNetModel
+from ldm.pipeline import SamplingConfig, text_to_image
+
+DDCONFIG = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=16, ch_mult=[1, 2],
+                num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=8)
+UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+            attention_resolutions=[1, 2], num_head_channels=16, use_spatial_transformer=True, context_dim=128,
+            use_linear_in_transformer=True, legacy=False)
+POOLED = dict(num_classes="sequential", adm_in_channels=128)  # ldm-tiny-clip: width 128, embed_dim 128
+
+
+def randomize_(module: torch.nn.Module) -> None:
+    """Zero-initialised output layers (SD's zero_module) hide every conditioning path at init: fill them."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.abs().any():
+                p.normal_(0, 0.05)
+
+
+def tiny_model(**unet_extra) -> LatentDiffusion:
+    torch.manual_seed(0)
+    model = LatentDiffusion(unet_config={**UNET, **unet_extra}, cond_stage_config={"arch": "ldm-tiny-clip"},
+                            first_stage_config={"ddconfig": DDCONFIG, "embed_dim": 4}, ema_decay=None,
+                            latent_norm="none")
+    randomize_(model.unet)
+    return model.eval()
+
+
+def test_sequential_label_embedding_takes_a_vector_in_the_sdxl_layout():
+    unet = UNetModel(**{**UNET, **POOLED})
+    keys = unet.state_dict()
+    assert tuple(keys["label_emb.0.0.weight"].shape) == (128, 128)  # [time_embed_dim, adm_in_channels]
+    assert tuple(keys["label_emb.0.2.weight"].shape) == (128, 128)
+    randomize_(unet)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 128)
+    y = torch.randn(2, 128)
+    assert not torch.allclose(unet(x, t, context=ctx, y=y), unet(x, t, context=ctx, y=y + 1))  # y matters
+    with pytest.raises(ValueError, match=r"y must be \[B, adm_in_channels\] = \[2, 128\]"):
+        unet(x, t, context=ctx, y=torch.randn(2, 64))
+    with pytest.raises(ValueError, match="set adm_in_channels"):
+        UNetModel(**{**UNET, "num_classes": "sequential"})
+
+
+def test_pooled_text_reaches_the_unet_in_training_and_sampling():
+    model = tiny_model(**POOLED)
+    assert model.uses_pooled_text and not tiny_model().uses_pooled_text
+    cond = model.encode_conditioning(["a red circle", ""])
+    assert cond["context"].shape == (2, 77, 128) and cond["y"].shape == (2, 128)
+    torch.testing.assert_close(cond["y"], model.cond_stage_model.encode(["a red circle", ""])["pooled"])
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a red circle", "a blue square"]}
+    loss = model.diffusion_step(batch, generator=torch.Generator().manual_seed(0))["loss"]
+    loss.backward()
+    assert model.unet.label_emb[0][0].weight.grad.abs().sum() > 0  # the pooled path is trained
+    config = SamplingConfig(sampler="dpmpp_2m", steps=3, cfg_scale=3.0, seed=0, progress=False)
+    red, blue = text_to_image(model, ["a red circle", "a blue square"], config).chunk(2)
+    red_again = text_to_image(model, ["a red circle"], config)
+    torch.testing.assert_close(red, red_again)  # seeded
+    assert red.shape == (1, 3, 16, 16) and not torch.allclose(red, blue)  # the prompt matters
+
+
+def test_pooled_width_mismatch_names_both_values():
+    with pytest.raises(ValueError, match="adm_in_channels=64 but the text encoder's pooled embedding has 128"):
+        tiny_model(num_classes="sequential", adm_in_channels=64)

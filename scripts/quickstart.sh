@@ -44,7 +44,7 @@ $PY scripts/plot_training.py --run "$OUT/clip" --run "$OUT/autoencoder" --run "$
 
 stamp "evaluation: 12 images for each of the 18 'a {color} {shape}' prompts, DPM-Solver++(2M) 20 steps"
 $PY scripts/evaluate.py ckpt="$LDM_CKPT" prompt_set=shapes n_per_prompt=12 sampler=dpmpp_2m steps=20 \
-    clip_ckpt="$CLIP_CKPT" real_shards=data/shapes32/val-000000.tar out="$OUT/eval"
+    cfg_scale=2 clip_ckpt="$CLIP_CKPT" real_shards=data/shapes32/val-000000.tar out="$OUT/eval"
 
 if [ -n "${FIGURES:-}" ]; then
     mkdir -p "$FIGURES"

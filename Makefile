@@ -33,7 +33,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 quickstart: install
-	OUT=$(QUICKSTART_DIR) PY=$(PY) bash scripts/quickstart.sh
+	SET=shapes OUT=$(QUICKSTART_DIR) PY=$(PY) bash scripts/pipeline.sh
 
 test: install-dev
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q tests

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -28,6 +29,7 @@ from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers  # 
 from ldm.utils.run import (  # noqa: E402
     apply_extras,
     check_missing_values,
+    continue_wandb_run,
     get_metric_value,
     resolve_ckpt_path,
 )
@@ -48,12 +50,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     check_run(datamodule, model)  # data-vs-model mismatches fail here, before any step
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    continue_wandb_run(cfg, ckpt_path)  # a resume keeps logging to the checkpoint's W&B run
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     _log_run_facts(cfg, trainer, loggers)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = dict(trainer.callback_metrics)
@@ -92,7 +95,8 @@ def _log_run_facts(cfg: DictConfig, trainer: L.Trainer, loggers: list) -> None:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
     metrics, _ = train(cfg)
-    return get_metric_value(metrics, cfg.get("optimized_metric"))
+    sweeping = HydraConfig.get().runtime.choices.get("hparams_search") not in (None, "null")
+    return get_metric_value(metrics, cfg.get("optimized_metric"), required=sweeping)
 
 
 if __name__ == "__main__":

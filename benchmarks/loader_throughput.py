@@ -20,10 +20,7 @@ because in training both share the same CPU cores.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -45,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))  # paths.root_dir without a Hydra run
 
 import ldm.utils.resolvers  # noqa: E402,F401  (registers the resolvers the configs use)
+from _report import append_markdown  # noqa: E402  (benchmarks/_report.py)
 from ldm.data.webdataset import WebDataModule  # noqa: E402
 
 DEFAULT_CONSUMERS = ["quickstart_autoencoder", "photos_autoencoder"]
@@ -218,17 +216,6 @@ def consumer_table(rows: list[dict]) -> str:
             f"| {r['consumer']:.1f} | {ratio:.1f}x{flag}; best {best_ratio:.1f}x |"
         )
     return "\n".join(lines)
-
-
-def append_markdown(path: Path, title: str, body: str) -> None:
-    """Append ``body`` under a heading with the command line, machine and date."""
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-               f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}")
-    command = "python " + shlex.join(sys.argv)
-    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(f"\n## {title} ({stamp})\n\n`{command}`\n\nMachine: {machine}\n\n{body}\n")
-    print(f"Appended to {path}", file=sys.stderr)
 
 
 def main() -> None:

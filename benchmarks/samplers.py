@@ -14,10 +14,6 @@ times are comparable. NFE counts U-Net evaluations per image (CFG doubles the ba
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import append_markdown  # noqa: E402  (benchmarks/_report.py)
 from ldm.diffusion.samplers import nfe  # noqa: E402
 from ldm.evaluation.generation import evaluate_prompts, prompt_set  # noqa: E402
 from ldm.models.diffusion import load_latent_diffusion  # noqa: E402
@@ -79,17 +76,6 @@ def table(results: list[dict]) -> str:
             f"| {fmt(m.get('shape_accuracy'))} | {m['seconds']:.1f} | {m['images_per_second']:.2f} |"
         )
     return "\n".join(lines)
-
-
-def append_markdown(path: Path, title: str, body: str) -> None:
-    """Append ``body`` under a heading with the command line, machine and date."""
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-               f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}")
-    command = "python " + shlex.join(sys.argv)
-    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(f"\n## {title} ({stamp})\n\n`{command}`\n\nMachine: {machine}\n\n{body}\n")
-    print(f"Appended to {path}", file=sys.stderr)
 
 
 def main() -> None:

@@ -25,12 +25,13 @@ from ldm.modules.unet import UNetModel
 
 # name -> (U-Net params in SD naming, batch size, latent size)
 CONFIGS = {
-    # the size of the quickstart LDM: 16x16 latents, 128-wide tiny CLIP context
+    # the quickstart LDM's U-Net (configs/model/ldm_tiny.yaml, without its pooled-text MLP, which diffusers
+    # spells differently): 8x8 latents, batch 64, 128-wide tiny CLIP context
     "quickstart": (
-        dict(image_size=16, in_channels=4, out_channels=4, model_channels=64, attention_resolutions=[2, 4],
-             num_res_blocks=1, channel_mult=[1, 2, 2], num_head_channels=32, use_spatial_transformer=True,
+        dict(image_size=8, in_channels=4, out_channels=4, model_channels=64, attention_resolutions=[1, 2],
+             num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32, use_spatial_transformer=True,
              transformer_depth=1, context_dim=128, use_linear_in_transformer=True, legacy=False),
-        8, 16,
+        64, 8,
     ),
     # SD-1.5 topology (attention at 3 of 4 levels, 2 ResBlocks, 8 heads, conv projections), reduced width
     "sd15": (

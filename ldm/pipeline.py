@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -36,7 +36,8 @@ class SamplingConfig:
     sampler_options: dict = field(default_factory=dict)
 
 
-def _latent_size(model, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
+def latent_size(model, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
+    """(h, w) of the latents for an image of height x width pixels (default: the training resolution)."""
     factor = model.first_stage_model.downsample_factor
     default = model.first_stage_model.config["ddconfig"].get("resolution", 32)
     height, width = height or default, width or default
@@ -68,9 +69,11 @@ def sample_latents(
     noise: torch.Tensor,
     config: SamplingConfig,
     generator: Optional[torch.Generator] = None,
+    callback: Optional[Callable[[dict], None]] = None,
 ) -> torch.Tensor:
     """Run the configured sampler. cond/uncond: the U-Net's text kwargs (``context`` [B, 77, D], and ``y`` [B, E]
-    with pooled-text conditioning) from ``model.encode_conditioning``; noise: [B, C, h, w] ~ N(0, I)."""
+    with pooled-text conditioning) from ``model.encode_conditioning``; noise: [B, C, h, w] ~ N(0, I);
+    ``callback`` sees ``{"x", "i", "sigma", "sigma_next", "denoised"}`` after every step."""
     unet = model.sampling_unet(config.use_ema)
     denoiser = DiscreteDenoiser(unet, model.schedule, model.hparams.parameterization)
     if uncond is not None and config.cfg_scale != 1.0:
@@ -84,7 +87,7 @@ def sample_latents(
     if config.sampler in ("ddim", "euler_a", "ddpm") and "eta" not in options and config.sampler != "ddpm":
         options["eta"] = config.eta
     x = noise * sigmas[0]
-    return sampler(denoiser, x, sigmas, extra_args=extra_args, generator=generator,
+    return sampler(denoiser, x, sigmas, extra_args=extra_args, generator=generator, callback=callback,
                    progress=config.progress, **options)
 
 
@@ -99,7 +102,7 @@ def text_to_image(model, prompts: Sequence[str], config: Optional[SamplingConfig
     if not prompts:
         raise ValueError("No prompts given.")
     device = next(model.parameters()).device
-    h, w = _latent_size(model, config.height, config.width)
+    h, w = latent_size(model, config.height, config.width)
     channels = model.first_stage_model.z_channels
     images = []
     batches = math.ceil(len(prompts) / config.batch_size)

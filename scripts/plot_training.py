@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 
 import matplotlib
@@ -37,12 +38,13 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def smooth(values: list[float], weight: float = 0.8) -> list[float]:
-    """Exponential moving average (TensorBoard-style) of a noisy curve."""
-    out, last = [], values[0] if values else 0.0
-    for value in values:
-        last = weight * last + (1 - weight) * value
-        out.append(last)
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing), taken of log(loss) because the
+    axis is logarithmic: a geometric mean does not lag behind a loss that falls by orders of magnitude."""
+    out, last = [], 0.0
+    for n, value in enumerate(values, start=1):
+        last = weight * last + (1 - weight) * math.log(max(value, 1e-12))
+        out.append(math.exp(last / (1 - weight**n)))
     return out
 
 

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,37 @@ def resolve_ckpt_path(ckpt_path: Optional[str], log_dir: str, task_name: str) ->
     return str(candidates[-1])
 
 
-def get_metric_value(metrics: dict[str, Any], name: Optional[str]) -> Optional[float]:
-    """The value a sweeper optimises; a clear error if the metric was never logged."""
+def continue_wandb_run(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """Point ``logger.wandb`` at the W&B run a resumed checkpoint was logged to.
+
+    Applies when ``ckpt_path`` holds a ``wandb_run_id`` (see :mod:`ldm.callbacks.wandb_run_id`) and
+    ``logger.wandb.id`` is unset; an id given in the config or on the command line is kept.
+    """
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if ckpt_path is None or wandb_cfg is None or wandb_cfg.get("id") is not None:
+        return
+    from ldm.callbacks.wandb_run_id import read_wandb_run_id
+
+    run_id = read_wandb_run_id(ckpt_path)
+    if run_id is None:
+        log.info(f"{ckpt_path} holds no W&B run id: the resumed training logs to a new W&B run.")
+        return
+    with open_dict(wandb_cfg):
+        wandb_cfg.id = run_id
+        wandb_cfg.resume = wandb_cfg.get("resume") or "allow"  # wandb.init: continue the run if it exists
+    log.info(f"Continuing W&B run {run_id} (from {ckpt_path}); set logger.wandb.id to log elsewhere.")
+
+
+def get_metric_value(metrics: dict[str, Any], name: Optional[str], required: bool = True) -> Optional[float]:
+    """The value a sweeper optimises. A metric that was never logged is a clear error when a sweeper
+    needs it (``required``); otherwise (e.g. a run shorter than its validation interval) a warning."""
     if not name:
         return None
     if name not in metrics:
-        raise ConfigError(
-            f"optimized_metric={name} was not logged. Logged metrics: {sorted(metrics)}. "
-            f"Fix `optimized_metric` in the hparams_search config."
-        )
+        message = f"optimized_metric={name} was not logged. Logged metrics: {sorted(metrics)}."
+        if required:
+            raise ConfigError(f"{message} Fix `optimized_metric` in the hparams_search config.")
+        log.warning(f"{message} Returning no value (no sweeper needs one).")
+        return None
     value = metrics[name]
     return float(value.item() if hasattr(value, "item") else value)

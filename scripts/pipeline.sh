@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The three stages on embedded data, offline on CPU (`make quickstart` runs it for the shapes):
+#   embedded shards -> stage 0 CLIP || stage 1 autoencoder (in parallel, one core each)
+#   -> stage 2 text-to-image latent diffusion (both cores) -> pictures + evaluation table.
+#     bash scripts/pipeline.sh                 # shapes: experiments quickstart_{clip,autoencoder,ldm}
+#     SET=digits bash scripts/pipeline.sh      # digits: experiments digits_{clip,autoencoder,ldm}
+# Environment: PY (python of the venv), SET (shapes | digits), OUT (output root, default outputs/<set>),
+#              CFG (guidance scale of the evaluation, default 2), N (images per prompt, default 12),
+#              FIGURES (optional: copy the pictures there, e.g. docs/images for the README).
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+SET=${SET:-shapes}
+case "$SET" in
+    shapes) PREFIX=quickstart; DATA=shapes32 ;;
+    digits) PREFIX=digits; DATA=digits32 ;;
+    *) echo "SET=$SET: choose shapes or digits" >&2; exit 2 ;;
+esac
+OUT=${OUT:-outputs/$SET}
+CFG=${CFG:-2}
+N=${N:-12}
+export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+start=$(date +%s)
+stamp() { echo "[$SET $(( $(date +%s) - start ))s] $*"; }
+# Hydra runs of this script land in $OUT/<stage>, without re-printing the whole config.
+run_args() { echo "hydra.run.dir=$OUT/$1 extras.print_config=false logger=csv"; }
+
+stamp "building the embedded $SET shards (32 px; kept if they exist)"
+$PY scripts/prepare_data.py data=$DATA hydra.run.dir="$OUT/prepare_data" hydra.output_subdir=null
+
+stamp "stage 0 (CLIP) and stage 1 (autoencoder) in parallel, one core each; logs in $OUT/*.log"
+OMP_NUM_THREADS=1 $PY train.py experiment=${PREFIX}_clip $(run_args clip) > "$OUT/clip.log" 2>&1 &
+clip_pid=$!
+OMP_NUM_THREADS=1 $PY train.py experiment=${PREFIX}_autoencoder $(run_args autoencoder) > "$OUT/autoencoder.log" 2>&1 &
+ae_pid=$!
+status=0
+wait $clip_pid || { echo "CLIP stage failed; see $OUT/clip.log"; tail -20 "$OUT/clip.log"; status=1; }
+wait $ae_pid || { echo "autoencoder stage failed; see $OUT/autoencoder.log"; tail -20 "$OUT/autoencoder.log"; status=1; }
+[ $status -eq 0 ] || exit 1
+CLIP_CKPT="$OUT/clip/checkpoints/last.ckpt"
+AE_CKPT="$OUT/autoencoder/checkpoints/last.ckpt"
+stamp "stages 0 and 1 done: $CLIP_CKPT, $AE_CKPT"
+
+stamp "stage 2: latent diffusion conditioned on the stage-0 text tower"
+$PY train.py experiment=${PREFIX}_ldm $(run_args ldm) \
+    model.first_stage_config.ckpt_path="$AE_CKPT" model.cond_stage_config.pretrained="$CLIP_CKPT"
+LDM_CKPT="$OUT/ldm/checkpoints/last.ckpt"
+
+stamp "pictures: autoencoder reconstructions and training curves"
+$PY scripts/plot_reconstructions.py --ckpt "$AE_CKPT" --shards "data/$DATA/val-000000.tar" \
+    --out "$OUT/reconstructions.png"
+$PY scripts/plot_training.py --run "$OUT/clip" --run "$OUT/autoencoder" --run "$OUT/ldm" \
+    --out "$OUT/training_curves.png"
+
+stamp "evaluation: $N images per $SET prompt, DPM-Solver++(2M) 20 steps, guidance $CFG"
+$PY scripts/evaluate.py ckpt="$LDM_CKPT" prompt_set=$SET n_per_prompt=$N sampler=dpmpp_2m steps=20 \
+    cfg_scale=$CFG clip_ckpt="$CLIP_CKPT" real_shards="data/$DATA/val-000000.tar" out="$OUT/eval"
+
+if [ -n "${FIGURES:-}" ]; then
+    mkdir -p "$FIGURES"
+    cp "$OUT/eval/samples.png" "$FIGURES/${PREFIX}_samples.png"
+    cp "$OUT/reconstructions.png" "$FIGURES/${PREFIX}_reconstructions.png"
+    cp "$OUT/training_curves.png" "$FIGURES/${PREFIX}_training_curves.png"
+    stamp "copied the pictures to $FIGURES"
+fi
+
+stamp "done in $(( $(date +%s) - start ))s"
+echo "Reconstruction grid: $OUT/reconstructions.png"
+echo "Training curves:     $OUT/training_curves.png"
+echo "Text-to-image grid:  $OUT/eval/samples.png"

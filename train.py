@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import ldm.utils.resolvers  # noqa: E402,F401  (registers ${wandb_offline:} and ${eval:...})
+from ldm.checkpoints import load_checkpoint  # noqa: E402
 from ldm.utils.guards import check_run  # noqa: E402
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers  # noqa: E402
 from ldm.utils.run import (  # noqa: E402
@@ -51,6 +52,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_run(datamodule, model)  # data-vs-model mismatches fail here, before any step
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    if ckpt_path:
+        load_checkpoint(ckpt_path, mmap=True)  # a pickled payload is refused here, clearly, before anything reads it
     continue_wandb_run(cfg, ckpt_path)  # a resume keeps logging to the checkpoint's W&B run
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")

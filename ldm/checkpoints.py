@@ -26,8 +26,9 @@ def _check_exists(path: Path) -> None:
                                 f"resolved from the current directory: {Path.cwd()}).")
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
-    """Load a whole checkpoint dict safely (Lightning ``.ckpt``, ``.pt``, ``.pth`` or ``.safetensors``)."""
+def load_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Load a whole checkpoint dict safely (Lightning ``.ckpt``, ``.pt``, ``.pth`` or ``.safetensors``).
+    ``mmap=True`` maps tensor storages instead of reading them: a cheap look at a big file's metadata."""
     path = Path(path)
     _check_exists(path)
     if path.suffix == ".safetensors":
@@ -35,7 +36,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
 
         return {"state_dict": load_file(str(path), device=str(map_location))}
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f"Refusing to load {path}: it contains Python objects that are not plain tensors/containers "

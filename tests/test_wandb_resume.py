@@ -76,3 +76,24 @@ def test_callback_stores_the_wandb_id_without_starting_a_run(tmp_path):
     with pytest.warns(UserWarning, match="Several W&B runs"):
         assert saved(wandb_logger("a"), wandb_logger("b")) == {}
     assert wandb.run is None  # reading the ids started no run
+
+
+def test_multirun_jobs_share_one_group_per_sweep(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    def group(mode: RunMode) -> str:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "configs")):
+            cfg = compose(config_name="train", overrides=["logger=wandb", "task_name=sweepy"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = mode
+            cfg.hydra.sweep.dir = str(tmp_path / "2026-11-26_12-00-00")
+        HydraConfig().set_config(cfg)
+        return cfg.logger.wandb.group
+
+    assert group(RunMode.MULTIRUN) == "sweepy-2026-11-26_12-00-00"  # every job of this sweep
+    assert group(RunMode.RUN) == "sweepy"

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from ldm.checkpoints import load_checkpoint
 
 CHECKPOINT_KEY = "wandb_run_id"
 
@@ -37,6 +38,6 @@ def read_wandb_run_id(ckpt_path: str | Path) -> str | None:
 
     The file is memory-mapped, so reading one string does not load the weights.
     """
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_checkpoint(ckpt_path, mmap=True)
     run_id = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     return str(run_id) if run_id else None

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import torch
-
-from ldm.checkpoints import load_checkpoint
+from ldm.checkpoints import UnsafeCheckpointError, load_checkpoint
 
 KINDS = ("diffusion", "autoencoder")
 
@@ -15,8 +12,10 @@ KINDS = ("diffusion", "autoencoder")
 def _hyper_parameters(path: Path) -> dict:
     """The checkpoint's ``hyper_parameters`` (memory-mapped, so tensors are not read; safe loading)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError):  # not a zip checkpoint, or unsafe: the safe loader explains
+        ckpt = load_checkpoint(path, mmap=True)
+    except RuntimeError as err:  # a pre-zip (legacy) file cannot be memory-mapped: read it whole
+        if isinstance(err, UnsafeCheckpointError):
+            raise
         ckpt = load_checkpoint(path)
     return dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
 

@@ -31,9 +31,25 @@ def wandb_offline() -> bool:
     return not wandb_has_credentials()
 
 
+def wandb_group(task_name: str) -> str:
+    """W&B run group: the task name for a single run; for a multirun job, the task name and the sweep's
+    folder, so every job of one sweep (and only those) lands in one group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():  # configs composed outside a Hydra app
+        return task_name
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f"{task_name}-{Path(hydra_cfg.sweep.dir).name}"
+    return task_name
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("wandb_group"):
+        OmegaConf.register_new_resolver("wandb_group", wandb_group)
     if not OmegaConf.has_resolver("eval"):
         # arithmetic in configs, e.g. ${eval:'${data.batch_size} * 2'}
         OmegaConf.register_new_resolver("eval", lambda expr: eval(expr, {"__builtins__": {}}, {}))

@@ -52,9 +52,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_run(datamodule, model)  # data-vs-model mismatches fail here, before any step
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
-    if ckpt_path:
-        load_checkpoint(ckpt_path, mmap=True)  # a pickled payload is refused here, clearly, before anything reads it
-    continue_wandb_run(cfg, ckpt_path)  # a resume keeps logging to the checkpoint's W&B run
+    # one memory-mapped read: refuses a pickled payload clearly before Lightning reads the file, and gives
+    # the W&B run id so a resume keeps logging to the checkpoint's run
+    checkpoint = load_checkpoint(ckpt_path, mmap=True) if ckpt_path else None
+    continue_wandb_run(cfg, checkpoint, ckpt_path)
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

@@ -8,6 +8,7 @@ import torch
 from ldm.models.diffusion import LatentDiffusion
 from ldm.modules.unet import UNetModel
 from ldm.pipeline import SamplingConfig, text_to_image
+from tests.weights import randomize_
 
 DDCONFIG = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=16, ch_mult=[1, 2],
                 num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=8)
@@ -15,14 +16,6 @@ UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, chan
             attention_resolutions=[1, 2], num_head_channels=16, use_spatial_transformer=True, context_dim=128,
             use_linear_in_transformer=True, legacy=False)
 POOLED = dict(num_classes="sequential", adm_in_channels=128)  # ldm-tiny-clip: width 128, embed_dim 128
-
-
-def randomize_(module: torch.nn.Module) -> None:
-    """Zero-initialised output layers (SD's zero_module) hide every conditioning path at init: fill them."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.abs().any():
-                p.normal_(0, 0.05)
 
 
 def tiny_model(**unet_extra) -> LatentDiffusion:

@@ -8,28 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from ldm.checkpoints import UnsafeCheckpointError
+from tests.payloads import write_malicious_ckpt
 from train import train
-
-
-class _Payload:
-    """Unpickling this calls ``open(marker, "w")``: a stand-in for arbitrary code execution."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
 
 
 @pytest.fixture
 def evil(tmp_path) -> tuple[Path, Path]:
     """A Lightning-looking checkpoint whose unpickling would create ``marker``."""
     marker = tmp_path / "payload_ran"
-    path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"weight": _Payload(marker)}, "global_step": 3, "hyper_parameters": {}}, path)
+    path = write_malicious_ckpt(tmp_path / "evil.ckpt", marker, global_step=3, hyper_parameters={})
     return path, marker
 
 

@@ -28,6 +28,7 @@ from ldm.convert.checkpoint import (
 from ldm.convert.unet import diffusers_unet_config
 from ldm.convert.vae import diffusers_vae_config
 from ldm.modules.conditioning import text_transformer
+from tests.payloads import write_malicious_ckpt
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -267,19 +268,8 @@ def test_mismatches_are_reported_by_name(tmp_path):
         latent_diffusion_from_checkpoint(init_from=str(tmp_path / "v"), **dict(model_kwargs(sd2=True), parameterization="eps"))
 
 
-class _Payload:
-    """Unpickling this object calls ``open(marker, "w")``: a stand-in for arbitrary code execution."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def _malicious_ckpt(path: Path, marker: Path) -> Path:
-    torch.save({"state_dict": {"model.diffusion_model.out.2.bias": _Payload(marker)}}, path)
-    return path
+    return write_malicious_ckpt(path, marker, key="model.diffusion_model.out.2.bias")
 
 
 def test_malicious_ckpt_is_refused_and_its_payload_never_runs(tmp_path):

@@ -9,8 +9,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.convert.unet import diffusers_unet_config, unet_diffusers_to_sd, unet_key_map, unet_sd_to_diffusers
+from ldm.convert.unet import (
+    diffusers_unet_config,
+    unet_diffusers_to_sd,
+    unet_key_map,
+    unet_sd_to_diffusers,
+)
 from ldm.modules.unet import UNetModel, timestep_embedding
+from tests.weights import randomize_
 
 # Tiny U-Nets following the SD topology rules (widths are multiples of 32 for diffusers' GroupNorm).
 SD1_TINY = dict(image_size=16, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
@@ -21,15 +27,6 @@ SD2_TINY = dict(SD1_TINY, num_heads=-1, num_head_channels=8, use_linear_in_trans
 UNET_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model" / "unet"
 SD15 = OmegaConf.to_container(OmegaConf.load(UNET_CONFIGS / "sd15.yaml"))
 SD21 = OmegaConf.to_container(OmegaConf.load(UNET_CONFIGS / "sd21.yaml"))
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Replace SD's zero-initialised output layers so outputs and gradients are not trivially zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
 
 
 def inputs(params: dict, batch: int = 2, size: int = 16, seed: int = 0):

@@ -11,6 +11,7 @@ import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from ldm.callbacks.wandb_run_id import WandbRunId, read_wandb_run_id
+from ldm.checkpoints import load_checkpoint
 from ldm.evaluation.wandb_offline import find_offline_runs, read_offline_run
 from ldm.utils.run import continue_wandb_run
 from tests.hydra_helpers import compose_train_config
@@ -55,10 +56,10 @@ def test_an_explicit_wandb_id_wins_over_the_checkpoint(tmp_path):
     ckpt = str(tmp_path / "given.ckpt")
     torch.save({"wandb_run_id": "from-ckpt", "state_dict": {}}, ckpt)
     explicit = compose_train_config([*STEPS, "logger.wandb.id=chosen"], tmp_path, None)
-    continue_wandb_run(explicit, ckpt)
+    continue_wandb_run(explicit, load_checkpoint(ckpt, mmap=True), str(ckpt))
     assert explicit.logger.wandb.id == "chosen"
     with_null = compose_train_config(STEPS, tmp_path, None)
-    continue_wandb_run(with_null, ckpt)
+    continue_wandb_run(with_null, load_checkpoint(ckpt, mmap=True), str(ckpt))
     assert (with_null.logger.wandb.id, with_null.logger.wandb.resume) == ("from-ckpt", "allow")
 
 

@@ -38,6 +38,10 @@ def read_wandb_run_id(ckpt_path: str | Path) -> str | None:
 
     The file is memory-mapped, so reading one string does not load the weights.
     """
-    checkpoint = load_checkpoint(ckpt_path, mmap=True)
+    return wandb_run_id_in(load_checkpoint(ckpt_path, mmap=True))
+
+
+def wandb_run_id_in(checkpoint: Any) -> str | None:
+    """The W&B run id in an already loaded checkpoint dict, or None."""
     run_id = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     return str(run_id) if run_id else None

@@ -83,18 +83,18 @@ def resolve_ckpt_path(ckpt_path: Optional[str], log_dir: str, task_name: str) ->
     return str(candidates[-1])
 
 
-def continue_wandb_run(cfg: DictConfig, ckpt_path: str | None) -> None:
-    """Point ``logger.wandb`` at the W&B run a resumed checkpoint was logged to.
+def continue_wandb_run(cfg: DictConfig, checkpoint: Optional[dict], ckpt_path: Optional[str]) -> None:
+    """Point ``logger.wandb`` at the W&B run a resumed checkpoint (loaded from ``ckpt_path``) was logged to.
 
-    Applies when ``ckpt_path`` holds a ``wandb_run_id`` (see :mod:`ldm.callbacks.wandb_run_id`) and
+    Applies when ``checkpoint`` holds a ``wandb_run_id`` (see :mod:`ldm.callbacks.wandb_run_id`) and
     ``logger.wandb.id`` is unset; an id given in the config or on the command line is kept.
     """
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
-    if ckpt_path is None or wandb_cfg is None or wandb_cfg.get("id") is not None:
+    if checkpoint is None or wandb_cfg is None or wandb_cfg.get("id") is not None:
         return
-    from ldm.callbacks.wandb_run_id import read_wandb_run_id
+    from ldm.callbacks.wandb_run_id import wandb_run_id_in
 
-    run_id = read_wandb_run_id(ckpt_path)
+    run_id = wandb_run_id_in(checkpoint)
     if run_id is None:
         log.info(f"{ckpt_path} holds no W&B run id: the resumed training logs to a new W&B run.")
         return

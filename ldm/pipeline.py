@@ -1,4 +1,4 @@
-"""Inference on a trained latent-diffusion model: text-to-image (img2img / inpainting build on it).
+"""Inference on a trained latent-diffusion model: text-to-image (img2img / inpainting: ``ldm/pipeline_img2img.py``).
 
 prompt -> text encoder -> context; noise -> sampler(denoiser(U-Net), CFG) -> latents
 -> de-normalise -> decoder -> images in [0, 1].
@@ -6,9 +6,8 @@ prompt -> text encoder -> context; noise -> sampler(denoiser(U-Net), CFG) -> lat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -36,11 +35,16 @@ class SamplingConfig:
     sampler_options: dict = field(default_factory=dict)
 
 
+def image_size(model, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
+    """(height, width) in pixels; unset values default to the autoencoder's training resolution."""
+    default = model.first_stage_model.config["ddconfig"].get("resolution", 32)
+    return height or default, width or default
+
+
 def latent_size(model, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
     """(h, w) of the latents for an image of height x width pixels (default: the training resolution)."""
     factor = model.first_stage_model.downsample_factor
-    default = model.first_stage_model.config["ddconfig"].get("resolution", 32)
-    height, width = height or default, width or default
+    height, width = image_size(model, height, width)
     for name, value in (("height", height), ("width", width)):
         if value % factor:
             raise ValueError(f"{name}={value} is not divisible by the autoencoder's factor {factor}.")
@@ -61,6 +65,76 @@ def initial_noise(
     return torch.stack(noise).to(device=device, dtype=dtype)
 
 
+@dataclass
+class PromptBatch:
+    """One batch of prompts with everything that makes its images reproducible."""
+
+    start: int  # index of the first prompt in the whole call
+    prompts: list[str]
+    seeds: list[int]  # image i uses seed config.seed + start + i
+    cond: dict[str, torch.Tensor]  # the U-Net's text kwargs (context [b, 77, D], y [b, E])
+    uncond: Optional[dict[str, torch.Tensor]]  # negative-prompt kwargs; None without guidance
+    noise: torch.Tensor  # [b, C, h, w] ~ N(0, I), one draw per seed
+    generator: torch.Generator  # ancestral-step noise
+
+
+@torch.no_grad()
+def prompt_batches(model, prompts: Sequence[str], config: SamplingConfig, h: int, w: int) -> Iterator[PromptBatch]:
+    """Split ``prompts`` into batches of ``config.batch_size`` with their conditioning, seeds and initial noise."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("No prompts given.")
+    device = next(model.parameters()).device
+    channels = model.first_stage_model.z_channels
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = prompts[start:start + config.batch_size]
+        seeds = [config.seed + start + i for i in range(len(chunk))]
+        cond = {k: v.to(device) for k, v in model.encode_conditioning(chunk).items()}
+        uncond = None
+        if config.cfg_scale != 1.0:
+            negative = model.encode_conditioning([config.negative_prompt] * len(chunk))
+            uncond = {k: v.to(device) for k, v in negative.items()}
+        noise = initial_noise((channels, h, w), seeds, device)
+        generator = torch.Generator(device=device).manual_seed(seeds[0] + 7919)  # ancestral noise
+        yield PromptBatch(start, chunk, seeds, cond, uncond, noise, generator)
+
+
+def guided_denoiser(
+    model, cond: dict[str, torch.Tensor], uncond: Optional[dict[str, torch.Tensor]], config: SamplingConfig
+) -> tuple[Callable[..., torch.Tensor], dict]:
+    """(denoiser D(x, sigma, **extra_args) -> x0_hat, extra_args): the (EMA) U-Net as a VE denoiser, wrapped in
+    classifier-free guidance when ``uncond`` is given and ``cfg_scale != 1``. Shared kwargs (e.g. ``concat``) may
+    be added to ``extra_args``: both guidance branches receive them."""
+    unet = model.sampling_unet(config.use_ema)
+    denoiser = DiscreteDenoiser(unet, model.schedule, model.hparams.parameterization)
+    if uncond is not None and config.cfg_scale != 1.0:
+        return CFGDenoiser(denoiser, config.cfg_scale), {"cond": cond, "uncond": uncond}
+    return denoiser, dict(cond)
+
+
+def run_sampler(
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict,
+    config: SamplingConfig,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callable[[dict], None]] = None,
+) -> torch.Tensor:
+    """The configured sampler from ``x`` (already at noise level ``sigmas[0]``) along ``sigmas`` (ending in 0)."""
+    sampler = get_sampler(config.sampler)
+    options = dict(config.sampler_options)
+    if config.sampler in ("ddim", "euler_a") and "eta" not in options:
+        options["eta"] = config.eta
+    return sampler(denoiser, x, sigmas, extra_args=extra_args, generator=generator, callback=callback,
+                   progress=config.progress, **options)
+
+
+def sampling_sigmas(model, config: SamplingConfig, device: torch.device) -> torch.Tensor:
+    """The ``config.steps + 1`` sigmas (ending in 0) of the configured spacing."""
+    return get_sigmas(model.schedule, config.steps, spacing=config.spacing).to(device)
+
+
 @torch.no_grad()
 def sample_latents(
     model,
@@ -74,21 +148,14 @@ def sample_latents(
     """Run the configured sampler. cond/uncond: the U-Net's text kwargs (``context`` [B, 77, D], and ``y`` [B, E]
     with pooled-text conditioning) from ``model.encode_conditioning``; noise: [B, C, h, w] ~ N(0, I);
     ``callback`` sees ``{"x", "i", "sigma", "sigma_next", "denoised"}`` after every step."""
-    unet = model.sampling_unet(config.use_ema)
-    denoiser = DiscreteDenoiser(unet, model.schedule, model.hparams.parameterization)
-    if uncond is not None and config.cfg_scale != 1.0:
-        denoiser = CFGDenoiser(denoiser, config.cfg_scale)
-        extra_args = {"cond": cond, "uncond": uncond}
-    else:
-        extra_args = dict(cond)
-    sigmas = get_sigmas(model.schedule, config.steps, spacing=config.spacing).to(noise.device)
-    sampler = get_sampler(config.sampler)
-    options = dict(config.sampler_options)
-    if config.sampler in ("ddim", "euler_a", "ddpm") and "eta" not in options and config.sampler != "ddpm":
-        options["eta"] = config.eta
-    x = noise * sigmas[0]
-    return sampler(denoiser, x, sigmas, extra_args=extra_args, generator=generator, callback=callback,
-                   progress=config.progress, **options)
+    denoiser, extra_args = guided_denoiser(model, cond, uncond, config)
+    sigmas = sampling_sigmas(model, config, noise.device)
+    return run_sampler(denoiser, noise * sigmas[0], sigmas, extra_args, config, generator, callback)
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Decoder output [B, 3, H, W] in ~[-1, 1] -> float32 CPU images in [0, 1]."""
+    return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
 
 @torch.no_grad()
@@ -98,25 +165,9 @@ def text_to_image(model, prompts: Sequence[str], config: Optional[SamplingConfig
     Image i uses seed ``config.seed + i``, so it is reproducible on its own.
     """
     config = config or SamplingConfig()
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("No prompts given.")
-    device = next(model.parameters()).device
     h, w = latent_size(model, config.height, config.width)
-    channels = model.first_stage_model.z_channels
     images = []
-    batches = math.ceil(len(prompts) / config.batch_size)
-    for b in range(batches):
-        chunk = prompts[b * config.batch_size:(b + 1) * config.batch_size]
-        seeds = [config.seed + b * config.batch_size + i for i in range(len(chunk))]
-        cond = {k: v.to(device) for k, v in model.encode_conditioning(chunk).items()}
-        uncond = None
-        if config.cfg_scale != 1.0:
-            negative = model.encode_conditioning([config.negative_prompt] * len(chunk))
-            uncond = {k: v.to(device) for k, v in negative.items()}
-        noise = initial_noise((channels, h, w), seeds, device)
-        generator = torch.Generator(device=device).manual_seed(seeds[0] + 7919)  # ancestral noise
-        z = sample_latents(model, cond, uncond, noise, config, generator=generator)
-        x = model.decode_latents(z)  # [b, 3, H, W] in ~[-1, 1]
-        images.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
+    for batch in prompt_batches(model, prompts, config, h, w):
+        z = sample_latents(model, batch.cond, batch.uncond, batch.noise, config, generator=batch.generator)
+        images.append(to_unit_range(model.decode_latents(z)))  # [b, 3, H, W]
     return torch.cat(images)

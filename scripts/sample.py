@@ -3,8 +3,13 @@
     python scripts/sample.py ckpt=logs/quickstart_ldm/.../checkpoints/last.ckpt \
         prompt="a red circle" n=8 sampler=dpmpp_2m steps=20 cfg_scale=4 seed=0 out=outputs/red
 
+Edit a picture instead (img2img), or repaint the white part of a mask (inpainting):
+
+    python scripts/sample.py ckpt=... prompt="a red circle" init_image=in.png strength=0.6
+    python scripts/sample.py ckpt=... prompt="a red circle" init_image=in.png mask=mask.png
+
 Writes one PNG per image (prompt, seed, sampler, steps, cfg and checkpoint hash in the PNG text
-metadata) and a labelled grid `grid.png`.
+metadata, plus init image, mask and strength when given) and a labelled grid `grid.png`.
 """
 
 from __future__ import annotations

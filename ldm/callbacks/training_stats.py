@@ -141,13 +141,14 @@ class TrainingStats(L.Callback):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def _batch_size(self, batch: Any) -> int | None:
-        images = batch.get("image") if isinstance(batch, Mapping) else None
+        # images, or cached latents (ldm.data.latents)
+        images = batch.get("image", batch.get("latent_mean")) if isinstance(batch, Mapping) else None
         if torch.is_tensor(images) and images.ndim > 0:
             return len(images)
         if not self._warned_no_images:
             found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             rank_zero_warn(
-                f"TrainingStats reads the batch size from batch['image'] but the batch has {found}: "
+                f"TrainingStats reads the batch size from batch['image'] or ['latent_mean'] but the batch has {found}: "
                 "perf/samples_per_sec and perf/global_batch are not logged."
             )
             self._warned_no_images = True

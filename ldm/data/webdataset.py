@@ -110,6 +110,12 @@ def unreadable_shard(urls: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
+def _own_arguments(frame: Any) -> dict[str, Any]:
+    """The current values of the arguments of the function running in ``frame`` (without ``self``)."""
+    info = inspect.getargvalues(frame)
+    return {name: info.locals[name] for name in info.args[1:]}
+
+
 class EpochPipeline(wds.DataPipeline):
     """A pipeline with ``__len__`` = batches per epoch, so Lightning knows the epoch length.
 
@@ -143,7 +149,15 @@ class WebDataModule(L.LightningDataModule):
         build: embedded-source spec for :func:`ldm.data.shards.build_embedded_shards`; when given,
             ``prepare_data`` writes the shards if the patterns match no file.
         build_dir: where ``build`` writes (default: the folder of ``train_shards``).
+
+    Subclasses that read another payload (e.g. cached latents, :mod:`ldm.data.latents`) override
+    :meth:`_sample_stages` and ``shard_hint`` and keep the shard discovery, resampling and epoch logic.
     """
+
+    shard_hint = (
+        "Create shards with `python scripts/make_shards.py --source shapes|digits|photos|folder --out DIR ...` "
+        "and point data.{split}_shards at them, or use a data config with a `build:` spec (e.g. data=shapes32)."
+    )
 
     def __init__(
         self,
@@ -185,10 +199,11 @@ class WebDataModule(L.LightningDataModule):
         shardshuffle = 100 if shardshuffle is True else int(shardshuffle)
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
-        # Saves the (normalised) arguments above. The explicit frame skips Lightning's self-referencing
+        # Saves the (normalised) arguments above, read from this frame alone so that a subclass's raw arguments
+        # (ldm.data.latents) cannot override them. The explicit frame skips Lightning's self-referencing
         # frame lookup, a reference cycle that keeps the caller's locals (e.g. DataLoaders with live
         # workers) alive until a GC pass.
-        self.save_hyperparameters(frame=inspect.currentframe())
+        self.save_hyperparameters(_own_arguments(inspect.currentframe()), frame=inspect.currentframe())
         self.train_dataset: wds.DataPipeline | None = None
         self.val_dataset: wds.DataPipeline | None = None
 
@@ -218,11 +233,7 @@ class WebDataModule(L.LightningDataModule):
             what = "matches no shard" if not urls or len(missing) == len(urls) else (
                 f"names {len(missing)} missing shard(s) of {len(urls)}, e.g. {missing[0]}"
             )
-            raise FileNotFoundError(
-                f"{split}_shards {pattern!r} {what}. Create shards with "
-                "`python scripts/make_shards.py --source shapes|digits|photos|folder --out DIR ...` and point "
-                f"data.{split}_shards at them, or use a data config with a `build:` spec (e.g. data=shapes32)."
-            )
+            raise FileNotFoundError(f"{split}_shards {pattern!r} {what}. {self.shard_hint.format(split=split)}")
         unreadable = unreadable_shard(urls)
         if unreadable is not None:
             url, reason = unreadable
@@ -267,8 +278,7 @@ class WebDataModule(L.LightningDataModule):
         stages.append(wds.tarfile_to_samples(handler=counter.handler))
         if hp.shuffle_buffer:
             stages.append(wds.shuffle(hp.shuffle_buffer, initial=min(hp.shuffle_buffer, 100)))
-        transform = ImageTransform(hp.image_size, random_crop=hp.random_crop, random_flip=hp.random_flip)
-        stages += [DecodeSamples(transform, counter), BatchSamples(hp.batch_size, counter, partial=False)]
+        stages += self._sample_stages(counter, train=True)
         pipeline = wds.DataPipeline(*stages)
         if n_batches is None:
             return pipeline
@@ -288,9 +298,17 @@ class WebDataModule(L.LightningDataModule):
             wds.split_by_node,
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=counter.handler),
-            DecodeSamples(ImageTransform(hp.image_size), counter),
-            BatchSamples(hp.val_batch_size, counter, partial=True),
+            *self._sample_stages(counter, train=False),
         )
+
+    def _sample_stages(self, counter: SkipCounter, train: bool) -> list[Any]:
+        """Raw samples -> batches: decode + transform (augmented when ``train``) + collate."""
+        hp = self.hparams
+        if train:
+            transform = ImageTransform(hp.image_size, random_crop=hp.random_crop, random_flip=hp.random_flip)
+            return [DecodeSamples(transform, counter), BatchSamples(hp.batch_size, counter, partial=False)]
+        transform = ImageTransform(hp.image_size)
+        return [DecodeSamples(transform, counter), BatchSamples(hp.val_batch_size, counter, partial=True)]
 
     def setup(self, stage: str | None = None) -> None:
         patterns = self._patterns()

@@ -25,6 +25,7 @@ from ldm.checkpoints import load_checkpoint
 from ldm.diffusion.loss import diffusion_loss, loss_weights, sample_timesteps
 from ldm.diffusion.schedule import NoiseSchedule, sample_noise
 from ldm.models.first_stage import FirstStage
+from ldm.models.latent_source import autoencoder_identity, check_latent_sources
 from ldm.modules.conditioning import OpenCLIPTextEncoder
 from ldm.modules.ema import EMA
 from ldm.modules.unet import UNetModel
@@ -107,6 +108,7 @@ class LatentDiffusion(L.LightningModule):
 
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["first_stage_config"] = first_stage_config
+        self._first_stage_identity: Optional[dict] = None  # computed on the first cached-latent batch
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -221,8 +223,8 @@ class LatentDiffusion(L.LightningModule):
         self.latent_stats_ready.fill_(True)
 
     @torch.no_grad()
-    def _estimate_latent_stats(self, images: torch.Tensor) -> None:
-        z = self.first_stage_model.encode(images).sample()  # [B, C, h, w]
+    def _estimate_latent_stats(self, z: torch.Tensor) -> None:
+        """Per-channel statistics from the first batch's posterior samples z [B, C, h, w] (un-normalised)."""
         mean = z.mean(dim=(0, 2, 3))
         std = z.std(dim=(0, 2, 3))
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -249,16 +251,25 @@ class LatentDiffusion(L.LightningModule):
             self.cond_stage_model.eval()
         return self
 
+    def first_stage_identity(self) -> dict:
+        """The first stage's identity as latent caches record it (cached; reset when a checkpoint loads)."""
+        if self._first_stage_identity is None:
+            ckpt_path = self.first_stage_model.config.get("ckpt_path")
+            self._first_stage_identity = autoencoder_identity(self.first_stage_model, ckpt_path, hash_checkpoint=False)
+        return self._first_stage_identity
+
     def _latents_from_batch(self, batch: dict) -> torch.Tensor:
-        """Normalised training latents: from cached moments when the batch has them, else encoded."""
+        """Normalised training latents: sampled from cached moments when the batch has them, else encoded."""
         if "latent_mean" in batch:
-            mean, logvar = batch["latent_mean"].float(), batch["latent_logvar"].float()
-            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            if "latent_source" in batch:
+                check_latent_sources(batch["latent_source"], self.first_stage_identity())
+            mean, logvar = batch["latent_mean"].float(), batch["latent_logvar"].float()  # [B, C, h, w]
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # z ~ q(z|x), as posterior.sample()
         else:
-            if not bool(self.latent_stats_ready):
-                self._estimate_latent_stats(batch["image"])
             with torch.no_grad():
                 z = self.first_stage_model.encode(batch["image"]).sample()
+        if not bool(self.latent_stats_ready):
+            self._estimate_latent_stats(z)
         return self.normalize_latents(z)
 
     def _drop_captions(self, captions: list[str]) -> list[str]:
@@ -336,6 +347,7 @@ class LatentDiffusion(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.first_stage_model.weights_loaded = True
+        self._first_stage_identity = None  # the first stage's weights are about to change
 
 
 def load_latent_diffusion(path: str, map_location: str = "cpu") -> LatentDiffusion:

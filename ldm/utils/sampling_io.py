@@ -51,7 +51,9 @@ def file_hash(path: str | Path, length: int = 10) -> str:
 def run_sampling(cfg: DictConfig, prompts: list[str], device: torch.device) -> dict:
     """Load the checkpoint, sample ``cfg.n`` images per prompt, write PNGs + grid; return the paths."""
     from ldm.models.diffusion import load_latent_diffusion
-    from ldm.pipeline import SamplingConfig, text_to_image
+    from ldm.pipeline import SamplingConfig, image_size, text_to_image
+    from ldm.pipeline_img2img import image_to_image
+    from ldm.utils.image_inputs import image_request
 
     ckpt = Path(cfg.ckpt)
     model = load_latent_diffusion(str(ckpt)).to(device)
@@ -65,7 +67,11 @@ def run_sampling(cfg: DictConfig, prompts: list[str], device: torch.device) -> d
         use_ema=cfg.use_ema, eta=cfg.eta,
     )
     expanded = [p for p in prompts for _ in range(cfg.n)]
-    images = text_to_image(model, expanded, config)  # [N, 3, H, W] in [0, 1]
+    request = image_request(cfg, *image_size(model, cfg.height, cfg.width), file_hash)  # None: text-to-image
+    if request is None:
+        images = text_to_image(model, expanded, config)  # [N, 3, H, W] in [0, 1]
+    else:
+        images = image_to_image(model, expanded, config=config, **request.kwargs)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_hash = file_hash(ckpt)
@@ -75,6 +81,7 @@ def run_sampling(cfg: DictConfig, prompts: list[str], device: torch.device) -> d
             "prompt": prompt, "negative_prompt": cfg.negative_prompt, "seed": cfg.seed + i,
             "sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "spacing": cfg.spacing,
             "use_ema": cfg.use_ema, "checkpoint": ckpt.name, "checkpoint_sha256": ckpt_hash,
+            **(request.metadata if request is not None else {}),
         }
         info = PngInfo()
         for key, value in meta.items():

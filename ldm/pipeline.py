@@ -89,10 +89,10 @@ def prompt_batches(model, prompts: Sequence[str], config: SamplingConfig, h: int
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start:start + config.batch_size]
         seeds = [config.seed + start + i for i in range(len(chunk))]
-        cond = {k: v.to(device) for k, v in model.encode_conditioning(chunk).items()}
+        cond = {k: v.to(device) for k, v in model.encode_conditioning(chunk, use_ema=config.use_ema).items()}
         uncond = None
         if config.cfg_scale != 1.0:
-            negative = model.encode_conditioning([config.negative_prompt] * len(chunk))
+            negative = model.encode_conditioning([config.negative_prompt] * len(chunk), use_ema=config.use_ema)
             uncond = {k: v.to(device) for k, v in negative.items()}
         noise = initial_noise((channels, h, w), seeds, device)
         generator = torch.Generator(device=device).manual_seed(seeds[0] + 7919)  # ancestral noise

@@ -143,6 +143,18 @@ def test_loads_an_open_clip_checkpoint_file_and_rejects_the_wrong_arch(tmp_path)
         OpenCLIPTextEncoder("ViT-B-32", pretrained=str(path))
 
 
+def test_shorter_context_keeps_the_first_positions_of_a_longer_trained_context(tmp_path):
+    torch.manual_seed(2)
+    full = create_clip_model(ARCH)  # trained with 77 positions
+    path = tmp_path / "clip77.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+    long, short = OpenCLIPTextEncoder(ARCH, pretrained=str(path)), OpenCLIPTextEncoder(ARCH, str(path), context_length=16)
+    a, b = long.encode(PROMPTS), short.encode(PROMPTS)
+    assert b["context"].shape[1] == 16
+    torch.testing.assert_close(b["context"], a["context"][:, :16])  # causal mask: kept positions are unchanged
+    torch.testing.assert_close(b["pooled"], a["pooled"])
+
+
 def _hf_text_model(layers: int = 4):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=128, intermediate_size=512,

@@ -356,3 +356,17 @@ def test_sample_script_img2img_and_bad_files(sample_files, tmp_path):
         request(f"mask={f['mask']}")
     assert request(f"init_image={f['init']}", f"mask={f['mask']}").kwargs["strength"] == 1.0  # inpainting default
     assert request(f"init_image={f['init']}").kwargs["init_images"].shape == (1, 3, 16, 16)
+
+
+def test_bf16_weights_sample_close_to_fp32(model, init):
+    """sample.py precision=bf16 casts the model to bfloat16: text-to-image and img2img run (fp32 sampler state,
+    bf16 network calls) and land near the fp32 images."""
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    prompts = ["a red circle", "a blue square"]
+    for run in (lambda m: text_to_image(m, prompts, config(steps=4)),
+                lambda m: image_to_image(m, prompts, init[:2], config=config(steps=4), strength=0.5)):
+        full, low = run(model), run(half)
+        assert low.dtype == torch.float32 and torch.isfinite(low).all()
+        assert (full - low).abs().mean() < 0.05

@@ -62,3 +62,27 @@ def test_pooled_text_reaches_the_unet_in_training_and_sampling():
 def test_pooled_width_mismatch_names_both_values():
     with pytest.raises(ValueError, match="adm_in_channels=64 but the text encoder's pooled embedding has 128"):
         tiny_model(num_classes="sequential", adm_in_channels=64)
+
+
+def test_trainable_text_encoder_has_an_ema_that_sampling_and_validation_use():
+    torch.manual_seed(0)
+    def build(freeze: bool) -> LatentDiffusion:
+        return LatentDiffusion(unet_config=UNET, cond_stage_config={"arch": "ldm-tiny-clip", "freeze": freeze},
+                               first_stage_config={"ddconfig": DDCONFIG, "embed_dim": 4}, ema_decay=0.5,
+                               latent_norm="none")
+
+    assert build(freeze=True).cond_stage_ema is None  # frozen text encoder: nothing to average
+    model = build(freeze=False)
+    prompts = ["a red circle", "a blue square"]
+    before = model.encode_conditioning(prompts, use_ema=True)["context"].detach()
+    with torch.no_grad():  # a "training step" on the text encoder, then the EMA update of the batch end
+        for p in model.cond_stage_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.on_train_batch_end(None, None, 0)
+    raw = model.encode_conditioning(prompts)["context"]
+    ema = model.encode_conditioning(prompts, use_ema=True)["context"]
+    assert not torch.allclose(ema, before) and not torch.allclose(ema, raw)  # the EMA moved, but not all the way
+    with model.ema_weights():  # validation: EMA weights swapped into the live modules, restored afterwards
+        torch.testing.assert_close(model.encode_conditioning(prompts)["context"], ema)
+    torch.testing.assert_close(model.encode_conditioning(prompts)["context"], raw)
+    assert any(k.startswith("cond_stage_ema.shadow.") for k in model.state_dict())

@@ -282,8 +282,12 @@ def _read(source: Union[str, Path, Mapping[str, torch.Tensor]]) -> tuple[Mapping
 def save_sd_single_file(model: LatentDiffusion, path: Union[str, Path], text_layout: Optional[str] = None,
                         include_ema: bool = True, dtype: Optional[torch.dtype] = None) -> None:
     """Write ``model`` as an original SD single file (safetensors). ``text_layout`` defaults to "hf"
-    (SD 1.x) for QuickGELU (OpenAI CLIP) text towers and "open_clip" (SD 2.x) otherwise."""
+    (SD 1.x) for QuickGELU (OpenAI CLIP) text towers and "open_clip" (SD 2.x) otherwise. The format has no slot
+    for an EMA text encoder: with ``include_ema`` a trained text encoder's EMA is written as ``cond_stage_model``
+    (the weights sampling uses), without it the raw weights."""
     state = {k: v for k, v in model.state_dict().items() if include_ema or not k.startswith("model_ema.")}
+    if include_ema and model.cond_stage_ema is not None:
+        state.update({"cond_stage_model." + k: v for k, v in model.cond_stage_ema.shadow.state_dict().items()})
     layout = text_layout or ("hf" if uses_quick_gelu(model) else "open_clip")
     decay = model.model_ema.decay if model.model_ema is not None else None
     out = project_to_sd(state, layout, decay, model.cond_stage_model.context_length)

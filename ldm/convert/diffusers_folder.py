@@ -164,7 +164,7 @@ def save_diffusers_folder(model: LatentDiffusion, folder: Union[str, Path], use_
                           dtype: Optional[torch.dtype] = None) -> None:
     """Write ``model`` as a diffusers folder: unet/, vae/, text_encoder/ (CLIPTextModel), scheduler/.
 
-    ``use_ema``: export the EMA U-Net when the model has one.
+    ``use_ema``: export the EMA U-Net when the model has one (and the EMA text encoder when it was trained).
     """
     import diffusers
 
@@ -190,7 +190,8 @@ def save_diffusers_folder(model: LatentDiffusion, folder: Union[str, Path], use_
 
     blocks = len(model.cond_stage_model.model.transformer.resblocks)
     layers = blocks - 1 if model.cond_stage_model.layer == "penultimate" else blocks
-    text = open_clip_text_to_hf({k[len(TEXT):]: cast(v) for k, v in state.items() if k.startswith(TEXT)})
+    tower = model.sampling_text_encoder(use_ema).model.state_dict()  # open_clip keys, as under TEXT
+    text = open_clip_text_to_hf({k: cast(v) for k, v in tower.items()})
     text = {k: v for k, v in text.items() if not k.startswith(f"text_model.encoder.layers.{blocks - 1}.") or layers == blocks}
     _text_config(model, layers).save_pretrained(folder / "text_encoder")
     save_safetensors(text, folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})

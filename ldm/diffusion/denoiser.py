@@ -55,6 +55,14 @@ class DiscreteDenoiser(nn.Module):
             return c_in**2, -sigma * c_in, c_in
         return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
 
+    def _network_dtype(self, x: Tensor) -> torch.dtype:
+        """dtype of the wrapped network's floating weights (x's dtype for a plain function)."""
+        if isinstance(self.model, nn.Module):
+            for p in self.model.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return x.dtype
+
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         return self.schedule.sigma_to_t(sigma, quantize=self.quantize)
 
@@ -65,7 +73,8 @@ class DiscreteDenoiser(nn.Module):
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must be a scalar or [B]={x.shape[0]}, got shape {tuple(sigma.shape)}.")
         c_skip, c_out, c_in = (_expand(c, x) for c in self.get_scalings(sigma))
-        out = self.model(x * c_in, self.sigma_to_t(sigma), **cond)  # [B, ...]
+        x_in = (x * c_in).to(self._network_dtype(x))  # e.g. bf16 weights: the sampler's state stays fp32
+        out = self.model(x_in, self.sigma_to_t(sigma), **cond).to(x.dtype)  # [B, ...]
         x0 = c_skip * x + c_out * out
         if self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)

@@ -5,7 +5,9 @@
     unet(z_t, t, context, y) --> eps / v / x0 prediction --> (min-SNR weighted) MSE
 
 State-dict layout follows the original SD checkpoints: ``model.diffusion_model.*`` (U-Net),
-``first_stage_model.*`` (autoencoder), ``cond_stage_model.*`` (text encoder), ``model_ema.*``.
+``first_stage_model.*`` (autoencoder), ``cond_stage_model.*`` (text encoder), ``model_ema.*``; a trainable text
+encoder (``cond_stage_config.freeze=false``, as CompVis' text-to-image LDM trained its BERT) also gets an EMA,
+``cond_stage_ema.*``, so that samples pair the EMA U-Net with the EMA text encoder it was averaged against.
 The checkpoint is self-contained: the first stage and text encoder configs are stored in its
 hyper-parameters and their weights in its state dict, so loading it reads no other file.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Any, Callable, Optional
 
 import lightning as L
@@ -96,6 +98,8 @@ class LatentDiffusion(L.LightningModule):
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model_ema = EMA(self.model, decay=ema_decay) if ema_decay else None
+        trainable_text = ema_decay and not self.cond_stage_model.frozen
+        self.cond_stage_ema = EMA(self.cond_stage_model, decay=ema_decay) if trainable_text else None
         self._compiled_unet = torch.compile(self.unet) if compile else None
 
         self.schedule = NoiseSchedule.from_config(**(schedule or {}))
@@ -104,6 +108,7 @@ class LatentDiffusion(L.LightningModule):
         self.register_buffer("latent_shift", torch.zeros(z_channels))  # z_norm = (z - shift) * scale
         self.register_buffer("latent_scale", torch.ones(z_channels))
         self.register_buffer("latent_stats_ready", torch.tensor(False))
+        self._latent_stats_ready_host: Optional[bool] = None  # host mirror of the buffer: no device sync per step
         self._init_latent_norm(latent_norm, scale_factor)
 
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -134,14 +139,14 @@ class LatentDiffusion(L.LightningModule):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> normalised latents [B, C, h, w]."""
-        posterior = self.first_stage_model.encode(images)
+        posterior = self.first_stage_model.encode(images.to(self.first_stage_model.dtype))
         z = posterior.sample() if sample else posterior.mode()
-        return self.normalize_latents(z)
+        return self.normalize_latents(z.float())
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1] (not clamped)."""
-        return self.first_stage_model.decode(self.denormalize_latents(z))
+        return self.first_stage_model.decode(self.denormalize_latents(z).to(self.first_stage_model.dtype))
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
         shift = self.latent_shift.view(1, -1, 1, 1).to(z.dtype)
@@ -162,10 +167,16 @@ class LatentDiffusion(L.LightningModule):
         """Whether the U-Net also takes the pooled text embedding as y (unet_config.num_classes='sequential')."""
         return self.unet.num_classes == "sequential"
 
-    def encode_conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def sampling_text_encoder(self, use_ema: bool = True) -> OpenCLIPTextEncoder:
+        """The text encoder used for sampling: its EMA when it is trained (and EMA is on and requested)."""
+        if use_ema and self.cond_stage_ema is not None:
+            return self.cond_stage_ema.shadow
+        return self.cond_stage_model
+
+    def encode_conditioning(self, prompts: list[str], use_ema: bool = False) -> dict[str, torch.Tensor]:
         """Prompts -> the U-Net's text keyword arguments: ``context`` [B, 77, D] for cross-attention and, with
         pooled-text conditioning (SDXL style), ``y`` [B, E], the pooled embedding added to the timestep embedding."""
-        out = self.cond_stage_model.encode(prompts)
+        out = self.sampling_text_encoder(use_ema).encode(prompts)
         cond = {"context": out["context"]}
         if self.uses_pooled_text:
             cond["y"] = out["pooled"]
@@ -221,6 +232,7 @@ class LatentDiffusion(L.LightningModule):
             self.latent_shift.zero_()
             self.latent_scale.fill_(float(1.0 / std.pow(2).mean().sqrt()))
         self.latent_stats_ready.fill_(True)
+        self._latent_stats_ready_host = True
 
     @torch.no_grad()
     def _estimate_latent_stats(self, z: torch.Tensor) -> None:
@@ -268,7 +280,9 @@ class LatentDiffusion(L.LightningModule):
         else:
             with torch.no_grad():
                 z = self.first_stage_model.encode(batch["image"]).sample()
-        if not bool(self.latent_stats_ready):
+        if self._latent_stats_ready_host is None:  # once after construction or a state-dict load
+            self._latent_stats_ready_host = bool(self.latent_stats_ready)
+        if not self._latent_stats_ready_host:
             self._estimate_latent_stats(z)
         return self.normalize_latents(z)
 
@@ -309,12 +323,21 @@ class LatentDiffusion(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.model_ema is not None:
             self.model_ema.update(self.model)
+        if self.cond_stage_ema is not None:
+            self.cond_stage_ema.update(self.cond_stage_model)
+
+    def ema_weights(self) -> ExitStack:
+        """Context in which the U-Net (and a trained text encoder) hold their EMA weights."""
+        stack = ExitStack()
+        for ema, live in ((self.model_ema, self.model), (self.cond_stage_ema, self.cond_stage_model)):
+            if ema is not None:
+                stack.enter_context(ema.swapped_into(live))
+        return stack
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # deterministic noise and timesteps per batch so validation loss is comparable across evaluations
         generator = torch.Generator().manual_seed(1000 + batch_idx)
-        ema_weights = self.model_ema.swapped_into(self.model) if self.model_ema is not None else nullcontext()
-        with ema_weights:
+        with self.ema_weights():
             out = self.diffusion_step(batch, generator=generator)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
 
@@ -344,6 +367,10 @@ class LatentDiffusion(L.LightningModule):
         cond["pretrained"] = None
         hparams["cond_stage_config"] = cond
         checkpoint["hyper_parameters"] = hparams
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._latent_stats_ready_host = None  # re-read the restored latent_stats_ready on the next batch
+        super()._load_from_state_dict(*args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.first_stage_model.weights_loaded = True

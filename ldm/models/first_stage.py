@@ -41,6 +41,11 @@ class FirstStage(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the weights (float32, or bfloat16 after ``.to(torch.bfloat16)``)."""
+        return self.quant_conv.weight.dtype
+
     @classmethod
     def from_config(cls, config: dict) -> "FirstStage":
         """Build from ``{"ckpt_path": ...}`` (reads the stage-1 checkpoint) or from ``{"ddconfig", "embed_dim"}``."""

@@ -224,6 +224,7 @@ class OpenCLIPTextEncoder(nn.Module):
         if "logit_scale" not in state:  # not used for conditioning; keep the init value
             state["logit_scale"] = expected["logit_scale"]
         state.pop("logit_bias", None)
+        self._shorten_context(state, expected["positional_embedding"].shape[0], path)
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(
@@ -237,6 +238,15 @@ class OpenCLIPTextEncoder(nn.Module):
                              f"{tuple(state[k].shape)}, the model {tuple(expected[k].shape)}.")
         self.model.load_state_dict(state)
         log.info(f"Loaded text encoder {self.arch} from {path} ({layout}).")
+
+    @staticmethod
+    def _shorten_context(state: dict, length: int, path: str) -> None:
+        """Fit weights trained with a longer context to ``length`` tokens: keep the first ``length``
+        positional embeddings. Under the causal mask the kept positions encode exactly as before."""
+        trained = state.get("positional_embedding")
+        if trained is not None and trained.shape[0] > length:
+            state["positional_embedding"] = trained[:length].clone()
+            log.info(f"{path}: context {trained.shape[0]} -> {length} tokens (first {length} positions kept).")
 
     def _uses_quick_gelu(self) -> bool:
         return isinstance(self.model.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
@@ -258,7 +268,10 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """prompts -> [B, L] token ids on the encoder's device."""
-        return self.tokenizer(prompts).to(self.model.token_embedding.weight.device)
+        tokens, device = self.tokenizer(prompts), self.model.token_embedding.weight.device
+        if device.type == "cuda":  # pinned + non-blocking: the copy does not wait for the queued GPU work
+            tokens = tokens.pin_memory()
+        return tokens.to(device, non_blocking=True)
 
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """prompts -> {"context": [B, L, D], "pooled": [B, E], "tokens": [B, L]}; "" is the unconditional prompt."""

@@ -50,14 +50,27 @@ CONFIGS = {
 }
 
 
-def build_pair(params: dict, device: torch.device, channels_last: bool):
+def build_pair(params: dict, device: torch.device, channels_last: bool, share_weights: bool = False):
+    """(ours, diffusers) with the same weights: copies, or with ``share_weights`` the very same
+    Parameter objects (and so the same ``.grad``), which halves the memory of a full-size pair."""
     from diffusers import UNet2DConditionModel
 
-    theirs = UNet2DConditionModel(**diffusers_unet_config(params))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    theirs = UNet2DConditionModel(**diffusers_unet_config(params)).to(device, memory_format=fmt)
+    if share_weights:
+        return shared_weights_copy(theirs, params, unet_diffusers_to_sd), theirs
     ours = UNetModel(**params)
     ours.load_state_dict(unet_diffusers_to_sd(theirs.state_dict(), params))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return ours.to(device, memory_format=fmt), theirs.to(device, memory_format=fmt)
+    return ours.to(device, memory_format=fmt), theirs
+
+
+def shared_weights_copy(source: torch.nn.Module, params: dict, rename=lambda sd, params: sd) -> UNetModel:
+    """``UNetModel(**params)`` built on the meta device that uses the Parameters of ``source`` (renamed by
+    ``rename(state_dict, params)``) instead of its own: no memory, one set of weights and grads."""
+    with torch.device("meta"):
+        ours = UNetModel(**params)
+    ours.load_state_dict(rename(source.state_dict(keep_vars=True), params), assign=True)
+    return ours
 
 
 def check_outputs(ours, theirs, x, t, ctx) -> float:
@@ -69,8 +82,10 @@ def check_outputs(ours, theirs, x, t, ctx) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def step(model, call, target, autocast) -> None:
-    model.zero_grad(set_to_none=True)
+def step(model, call, target, autocast, set_to_none: bool = True) -> None:
+    """One forward + backward; ``set_to_none=False`` keeps the ``.grad`` tensors (zeroed) instead of
+    allocating them again in the backward pass."""
+    model.zero_grad(set_to_none=set_to_none)
     with autocast:
         out = call()
     torch.nn.functional.mse_loss(out.float(), target).backward()

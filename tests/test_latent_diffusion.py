@@ -85,4 +85,10 @@ def test_trainable_text_encoder_has_an_ema_that_sampling_and_validation_use():
     with model.ema_weights():  # validation: EMA weights swapped into the live modules, restored afterwards
         torch.testing.assert_close(model.encode_conditioning(prompts)["context"], ema)
     torch.testing.assert_close(model.encode_conditioning(prompts)["context"], raw)
-    assert any(k.startswith("cond_stage_ema.shadow.") for k in model.state_dict())
+    state = model.state_dict()
+    assert any(k.startswith("cond_stage_ema.shadow.") for k in state)
+    old = {k: v for k, v in state.items() if not k.startswith("cond_stage_ema.")}  # saved before text EMA existed
+    fresh = build(freeze=False)
+    fresh.fill_missing_text_ema(old)
+    fresh.load_state_dict(old)  # strict
+    torch.testing.assert_close(fresh.encode_conditioning(prompts, use_ema=True)["context"], raw)

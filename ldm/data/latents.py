@@ -171,5 +171,5 @@ class LatentDataModule(WebDataModule):
         )
 
     def _sample_stages(self, counter: SkipCounter, train: bool) -> list[Any]:
-        batch_size = self.hparams.batch_size if train else self.hparams.val_batch_size
+        batch_size = self.train_option("batch_size") if train else self.hparams.val_batch_size
         return [DecodeLatents(counter), BatchLatents(batch_size, counter, partial=not train)]

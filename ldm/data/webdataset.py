@@ -206,6 +206,7 @@ class WebDataModule(L.LightningDataModule):
         self.save_hyperparameters(_own_arguments(inspect.currentframe()), frame=inspect.currentframe())
         self.train_dataset: wds.DataPipeline | None = None
         self.val_dataset: wds.DataPipeline | None = None
+        self.train_overrides: dict[str, int] = {}  # set by reconfigure_train (a curriculum)
 
     # ----------------------------------------------------------------------------- shard discovery
     def _patterns(self) -> dict[str, Shards]:
@@ -249,13 +250,53 @@ class WebDataModule(L.LightningDataModule):
         return trainer.world_size if trainer is not None else 1
 
     def train_batches_per_epoch(self) -> int | None:
-        """Training batches per rank per epoch (None: one pass over the shards)."""
+        """Training batches per rank per epoch (None: one pass over the shards), cut by a curriculum's cap."""
         hp = self.hparams
+        n_batches = None
         if hp.batches_per_epoch is not None:
-            return int(hp.batches_per_epoch)
-        if hp.samples_per_epoch is not None:
-            return max(1, math.ceil(hp.samples_per_epoch / (hp.batch_size * self._world_size())))
-        return None
+            n_batches = int(hp.batches_per_epoch)
+        elif hp.samples_per_epoch is not None:
+            n_batches = max(1, math.ceil(hp.samples_per_epoch / (self.train_option("batch_size") * self._world_size())))
+        cap = self.train_overrides.get("max_batches_per_epoch")
+        if cap is None:
+            return n_batches
+        return cap if n_batches is None else min(n_batches, cap)
+
+    # ----------------------------------------------------------------------------- curriculum
+    def train_option(self, name: str) -> Any:
+        """The training stream's ``image_size`` or ``batch_size``: set by :meth:`reconfigure_train`, else configured."""
+        return self.train_overrides.get(name, self.hparams[name])
+
+    def train_stream(self) -> dict[str, int | None]:
+        """What the next ``train_dataloader()`` serves: image side, per-rank batch size, batches per epoch."""
+        return {"image_size": self.train_option("image_size"), "batch_size": self.train_option("batch_size"),
+                "batches_per_epoch": self.train_batches_per_epoch()}
+
+    def reconfigure_train(self, image_size: int | None = None, batch_size: int | None = None,
+                          max_batches_per_epoch: int | None = None) -> bool:
+        """Change the training stream between epochs (:mod:`ldm.callbacks.curriculum`); returns whether it changed.
+
+        None keeps the configured ``image_size`` / ``batch_size``; ``max_batches_per_epoch`` ends epochs early
+        (None: the configured epoch). The next ``train_dataloader()`` call serves the new stream (Lightning
+        calls it at an epoch start when ``trainer.reload_dataloaders_every_n_epochs`` says so); validation keeps
+        the configured size.
+        """
+        requested = {"image_size": image_size, "batch_size": batch_size, "max_batches_per_epoch": max_batches_per_epoch}
+        for name, value in requested.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"reconfigure_train: {name} must be a positive integer or None, got {value!r}")
+        if image_size is not None and self.hparams.get("image_size") is None:
+            raise ValueError(
+                f"{type(self).__name__} has no image transform (cached latents have the resolution they were "
+                "encoded at): a curriculum cannot change its image_size. Train from image shards (e.g. data=shapes64)."
+            )
+        before = self.train_stream()
+        self.train_overrides = {name: value for name, value in requested.items() if value is not None}
+        if self.train_stream() == before:
+            return False
+        if self.train_dataset is not None:
+            self.train_dataset = self._make_train(self._check_shards("train"))
+        return True
 
     def _make_train(self, urls: list[str]) -> wds.DataPipeline:
         hp = self.hparams
@@ -305,8 +346,10 @@ class WebDataModule(L.LightningDataModule):
         """Raw samples -> batches: decode + transform (augmented when ``train``) + collate."""
         hp = self.hparams
         if train:
-            transform = ImageTransform(hp.image_size, random_crop=hp.random_crop, random_flip=hp.random_flip)
-            return [DecodeSamples(transform, counter), BatchSamples(hp.batch_size, counter, partial=False)]
+            transform = ImageTransform(self.train_option("image_size"), random_crop=hp.random_crop,
+                                       random_flip=hp.random_flip)
+            batches = BatchSamples(self.train_option("batch_size"), counter, partial=False)
+            return [DecodeSamples(transform, counter), batches]
         transform = ImageTransform(hp.image_size)
         return [DecodeSamples(transform, counter), BatchSamples(hp.val_batch_size, counter, partial=True)]
 

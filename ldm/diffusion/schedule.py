@@ -168,7 +168,11 @@ class NoiseSchedule(nn.Module):
 
     def _as_time(self, t: TimeLike) -> Tensor:
         t = torch.as_tensor(t, device=self.betas.device)
-        lo, hi = t.min().item(), t.max().item()  # one host sync; catches off-by-one T and 1-based indexing
+        if t.device.type != "cpu":  # checked on the device, no host sync per call (fails at the next sync)
+            in_range = ((t >= 0) & (t <= self.num_timesteps - 1)).all()
+            torch._assert_async(in_range, f"Timesteps must lie in [0, {self.num_timesteps - 1}].")
+            return t
+        lo, hi = t.min().item(), t.max().item()  # catches off-by-one T and 1-based indexing
         if lo < 0 or hi > self.num_timesteps - 1:
             raise ValueError(f"Timesteps must lie in [0, {self.num_timesteps - 1}], got range [{lo}, {hi}].")
         return t

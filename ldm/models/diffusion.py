@@ -375,6 +375,19 @@ class LatentDiffusion(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.first_stage_model.weights_loaded = True
         self._first_stage_identity = None  # the first stage's weights are about to change
+        self.fill_missing_text_ema(checkpoint["state_dict"])
+
+    def fill_missing_text_ema(self, state_dict: dict) -> None:
+        """A checkpoint of a trainable text encoder saved without its EMA (older versions) starts the EMA from the
+        saved text encoder, with a warning, instead of failing the strict load."""
+        if self.cond_stage_ema is None or any(k.startswith("cond_stage_ema.") for k in state_dict):
+            return
+        log.warning("The checkpoint has no EMA of its trainable text encoder (cond_stage_ema.*): the EMA starts "
+                    "from the saved text encoder weights.")
+        for key in self.cond_stage_ema.state_dict():
+            source = "cond_stage_model." + key.removeprefix("shadow.")
+            state_dict["cond_stage_ema." + key] = (state_dict[source] if key.startswith("shadow.")
+                                                   else torch.zeros((), dtype=torch.long))
 
 
 def load_latent_diffusion(path: str, map_location: str = "cpu") -> LatentDiffusion:
@@ -388,6 +401,7 @@ def load_latent_diffusion(path: str, map_location: str = "cpu") -> LatentDiffusi
             f"are imported with scripts/convert_checkpoint.py."
         )
     model = LatentDiffusion(**hparams)
+    model.fill_missing_text_ema(ckpt["state_dict"])
     model.load_state_dict(ckpt["state_dict"])
     model.first_stage_model.weights_loaded = True
     return model.eval()

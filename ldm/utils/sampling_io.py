@@ -72,6 +72,9 @@ def run_sampling(cfg: DictConfig, prompts: list[str], device: torch.device) -> d
         images = text_to_image(model, expanded, config)  # [N, 3, H, W] in [0, 1]
     else:
         images = image_to_image(model, expanded, config=config, **request.kwargs)
+    upscaled = upscale_samples(cfg, images, device) if cfg.get("upscale") else None  # (images, metadata)
+    if upscaled is not None:
+        images = upscaled[0]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_hash = file_hash(ckpt)
@@ -82,6 +85,7 @@ def run_sampling(cfg: DictConfig, prompts: list[str], device: torch.device) -> d
             "sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "spacing": cfg.spacing,
             "use_ema": cfg.use_ema, "checkpoint": ckpt.name, "checkpoint_sha256": ckpt_hash,
             **(request.metadata if request is not None else {}),
+            **(upscaled[1] if upscaled is not None else {}),
         }
         info = PngInfo()
         for key, value in meta.items():
@@ -94,3 +98,25 @@ def run_sampling(cfg: DictConfig, prompts: list[str], device: torch.device) -> d
     grid_path = out / "grid.png"
     grid.save(grid_path)
     return {"dir": out, "images": written, "grid": grid_path}
+
+
+def upscale_samples(cfg: DictConfig, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """The super-resolution stage of ``upscale=true``: images [N, 3, H, W] in [0, 1] -> [N, 3, sH, sW] in [0, 1]
+    with ``upscaler_ckpt`` (DDIM, ``upscale_steps``, ``upscale_noise_level``), and their PNG metadata."""
+    from ldm.models.upscaler import load_upscaler
+    from ldm.upscale import upscale
+
+    path = cfg.get("upscaler_ckpt")
+    if not path:
+        raise ValueError("upscale=true needs upscaler_ckpt=PATH (checkpoints/last.ckpt of a *_upscaler_* run, "
+                         "e.g. `python train.py experiment=shapes_upscaler_x2`).")
+    upscaler = load_upscaler(str(path)).to(device)
+    out = []
+    for start in range(0, images.shape[0], cfg.batch_size):
+        low = images[start:start + cfg.batch_size].to(device) * 2 - 1  # [b, 3, H, W] in [-1, 1]
+        generator = torch.Generator(device).manual_seed(cfg.seed + start)
+        high = upscale(upscaler, low, steps=cfg.upscale_steps, noise_level=cfg.upscale_noise_level, generator=generator)
+        out.append(((high.float() + 1) / 2).clamp(0, 1).cpu())
+    meta = {"upscaler": Path(path).name, "upscaler_sha256": file_hash(path), "upscale_factor": upscaler.scale,
+            "upscale_steps": cfg.upscale_steps, "upscale_noise_level": cfg.upscale_noise_level}
+    return torch.cat(out), meta

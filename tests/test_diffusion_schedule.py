@@ -42,8 +42,8 @@ def test_betas_match_diffusers(kind, diffusers_kind, start, end):
 def test_zero_terminal_snr_matches_diffusers_and_keeps_first_alpha():
     betas = make_betas("scaled_linear")
     ours = rescale_zero_terminal_snr(betas)
-    ref = diffusers_rescale(betas.float())
-    torch.testing.assert_close(ours.float(), ref, rtol=1e-5, atol=1e-6)
+    ref = diffusers_rescale(betas)  # in float64, as ours: float32 rounding near beta -> 1 differs by diffusers version
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     ac, ac_old = torch.cumprod(1 - ours, 0), torch.cumprod(1 - betas, 0)
     assert abs(float(ac[-1])) < 1e-12
     assert float(ac[0]) == pytest.approx(float(ac_old[0]), rel=1e-12)

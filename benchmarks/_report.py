@@ -1,7 +1,9 @@
-"""Shared by the benchmark scripts: append a result table to BENCHMARKS.md with command, machine and date."""
+"""Shared by the benchmark scripts: the speed-comparison flags, and appending a result table to BENCHMARKS.md with
+command, machine and date."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -21,3 +23,26 @@ def append_markdown(path: Path, title: str, body: str) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"\n## {title} ({stamp})\n\n`{command}`\n\nMachine: {machine}\n\n{body}\n")
     print(f"Appended to {path}", file=sys.stderr)
+
+
+def add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every ours-vs-diffusers speed comparison shares (applied to both networks alike)."""
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (1 gives stable numbers on a machine shared with other jobs)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall clock, or this process's CPU time (robust to other jobs on a shared CPU)")
+    parser.add_argument("--append", type=Path, default=None, help="append the table to this Markdown file")
+
+
+def apply_speed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the clock against the device and set threads / TF32 as the flags ask."""
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures CPU work; time a GPU with the wall clock")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

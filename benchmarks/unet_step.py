@@ -7,21 +7,30 @@ forward + backward of both, alternating runs in one process, and prints the medi
     python benchmarks/unet_step.py                       # CPU, both configs
     python benchmarks/unet_step.py --device cuda --bf16 --channels-last
     python benchmarks/unet_step.py --config sd15 --compile --iters 30
+    python benchmarks/unet_step.py --threads 1 --clock cpu --append BENCHMARKS.md    # on a CPU shared with other jobs
 
-Ratio = diffusers time / ours (> 1: ours is faster).
+Ratio = diffusers time / ours (> 1: ours is faster). Flags apply to both networks (``--compile`` compiles both, so
+the ratio stays apples-to-apples). ``--clock cpu`` times with this process's CPU time instead of the wall clock:
+on a busy machine the wall clock mostly measures the other jobs, CPU time the step (CPU only; with one thread it
+is the step's compute).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
-from ldm.convert.unet import diffusers_unet_config, unet_diffusers_to_sd
-from ldm.modules.unet import UNetModel
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _report import add_speed_flags, append_markdown, apply_speed_flags  # noqa: E402  (benchmarks/_report.py)
+from ldm.convert.unet import diffusers_unet_config, unet_diffusers_to_sd  # noqa: E402
+from ldm.modules.unet import UNetModel  # noqa: E402
 
 # name -> (U-Net params in SD naming, batch size, latent size)
 CONFIGS = {
@@ -114,18 +123,19 @@ def bench(name: str, args) -> dict:
         "diffusers": (theirs, lambda: run_theirs(x, t, encoder_hidden_states=ctx).sample),
     }
     times = {k: [] for k in calls}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for i in range(args.warmup + args.iters):
         order = list(calls) if i % 2 == 0 else list(reversed(calls))  # alternate who goes first
         for key in order:
             model, call = calls[key]
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             step(model, call, target, autocast)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= args.warmup:
-                times[key].append(time.perf_counter() - start)
+                times[key].append(clock() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     params_m = sum(p.numel() for p in ours.parameters()) / 1e6
     return {"config": name, "batch": batch, "latent": size, "params_M": params_m, "rel_err": rel_err,
@@ -139,31 +149,30 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (1 gives stable numbers on a machine shared with other jobs)")
+    add_speed_flags(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_speed_flags(parser, args)
     if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
     names = list(CONFIGS) if args.config == "all" else [args.config]
-    flags = [f for f, on in (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.bf16)) if on]
+    switches = (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.bf16))
+    flags = [name for name, on in switches if on]
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {device}; torch {torch.__version__}; flags: {', '.join(flags) or 'none'}; "
-          f"median of {args.iters} forward+backward steps after {args.warmup} warm-up")
-    header = f"{'config':<11} {'batch':>5} {'latent':>6} {'params':>8} {'rel.err':>8} {'ours ms':>9} {'diffusers ms':>13} {'ratio':>6}"
-    print(header)
-    print("-" * len(header))
+    lines = [f"device: {device}; torch {torch.__version__}; flags: {', '.join(flags) or 'none'}; "
+             f"{args.clock} clock, median of {args.iters} alternating forward+backward steps after {args.warmup} "
+             f"warm-up; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+             "",
+             "| config | batch | latent | params | rel. err | ours ms | diffusers ms | ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
     for name in names:
         r = bench(name, args)
-        print(f"{r['config']:<11} {r['batch']:>5} {r['latent']:>6} {r['params_M']:>7.1f}M {r['rel_err']:>8.1e} "
-              f"{r['ours_ms']:>9.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>5.2f}x")
+        lines.append(f"| {r['config']} | {r['batch']} | {r['latent']} | {r['params_M']:.1f}M | {r['rel_err']:.1e} | "
+                     f"{r['ours_ms']:.1f} | {r['diffusers_ms']:.1f} | {r['ratio']:.2f}x |")
+        print(lines[-1], flush=True)
+    if args.append:
+        append_markdown(args.append, "U-Net training step against diffusers", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -60,3 +60,21 @@ def test_ldm_channel_mismatches_are_refused(compose_ldm, override, expected):
     cfg = compose_ldm([override])
     with pytest.raises(InstantiationException, match=expected):
         train(cfg)
+
+
+def test_upscaler_resolution_must_divide_its_scale_and_fit_its_crop(compose_train):
+    cfg = compose_train(["experiment=shapes_upscaler_x4", "data.image_size=62"])  # 62 is no multiple of 4
+    with pytest.raises(ConfigError, match=r"data.image_size=62 is not divisible by 4 \(upscaling scale=4\)"):
+        train(cfg)
+    with open_dict(cfg):
+        cfg.data.image_size = 28  # a multiple of 4, smaller than the 32 px training crop
+    with pytest.raises(ConfigError, match=r"data.image_size=28 is smaller than model.train_crop=32"):
+        train(cfg)
+    with open_dict(cfg):
+        cfg.model.train_crop = None  # whole images: 4 (scale) and 4 (U-Net downsampling) must divide the side
+        cfg.data.image_size = 36
+    check_run(hydra.utils.instantiate(cfg.data, _convert_="all"), hydra.utils.instantiate(cfg.model, _convert_="all"))
+    with open_dict(cfg):
+        cfg.data.image_size = 44 + 2
+    with pytest.raises(ConfigError, match=r"not divisible by 4 \(upscaling scale=4, U-Net downsampling 4\)"):
+        check_run(hydra.utils.instantiate(cfg.data, _convert_="all"), hydra.utils.instantiate(cfg.model, _convert_="all"))

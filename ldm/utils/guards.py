@@ -8,16 +8,20 @@ checked here, from ``train.py``, before ``trainer.fit``:
 - the image side must be divisible by the model's total downsampling: ``f`` for an autoencoder,
   ``f * 2 ** (len(channel_mult) - 1)`` for latent diffusion (autoencoder factor x U-Net levels);
   otherwise the decoder / U-Net skip connections cannot restore the input shape.
+- an upscaler's high-res side must be divisible by its ``scale`` (the low-res image is an exact area
+  downsample) and, unless it trains on ``train_crop`` patches, by the U-Net's downsampling.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import lightning as L
 
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.diffusion import LatentDiffusion
+from ldm.models.upscaler import Upscaler
 from ldm.utils.run import ConfigError
 
 
@@ -58,8 +62,25 @@ def check_resolution(image_size: int, model: L.LightningModule) -> None:
     )
 
 
+def check_upscaler_resolution(image_size: int, model: Upscaler) -> None:
+    """Refuse a high-res side the upscaler cannot downsample by ``scale`` or crop to ``train_crop``."""
+    crop = model.hparams.get("train_crop")
+    unet_factor = 2 ** (len(model.unet.channel_mult) - 1)
+    if crop is not None and image_size < crop:
+        raise ConfigError(f"data.image_size={image_size} is smaller than model.train_crop={crop}: "
+                          f"set model.train_crop <= {image_size} or train on larger images.")
+    divisor = model.scale if crop is not None else math.lcm(model.scale, unet_factor)
+    if image_size % divisor:
+        raise ConfigError(
+            f"data.image_size={image_size} is not divisible by {divisor} (upscaling scale={model.scale}"
+            + ("" if crop is not None else f", U-Net downsampling {unet_factor}") + f"). Set data.image_size to a "
+            f"multiple of {divisor}, e.g. {max(divisor, image_size // divisor * divisor)}.")
+
+
 def check_run(datamodule: L.LightningDataModule, model: L.LightningModule) -> None:
     """All data-vs-model checks; called by ``train.py`` after instantiating both."""
     image_size: Any = getattr(datamodule, "hparams", {}).get("image_size")
-    if image_size is not None:
+    if image_size is not None and isinstance(model, Upscaler):
+        check_upscaler_resolution(int(image_size), model)
+    elif image_size is not None:
         check_resolution(int(image_size), model)

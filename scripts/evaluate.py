@@ -44,6 +44,7 @@ from ldm.evaluation.image_metrics import (  # noqa: E402
 )
 from ldm.evaluation.kind import checkpoint_kind  # noqa: E402
 from ldm.evaluation.shard_images import shard_images  # noqa: E402
+from ldm.lora import apply_adapter  # noqa: E402
 from ldm.models.clip import CLIPModule  # noqa: E402
 from ldm.models.diffusion import load_latent_diffusion  # noqa: E402
 from ldm.models.first_stage import FirstStage  # noqa: E402
@@ -65,11 +66,16 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def evaluate_diffusion(cfg: DictConfig, device: torch.device, clip: CLIPModule | None,
                        feature: nn.Module | None, notes: list[str], out: Path) -> dict:
-    model = load_latent_diffusion(cfg.ckpt).to(device)
+    model = load_latent_diffusion(cfg.ckpt)
+    if cfg.get("lora"):  # a LoRA adapter merged into the base checkpoint's sampling U-Net
+        apply_adapter(model, cfg.lora, scale=cfg.lora_scale, use_ema=cfg.use_ema)
+    model = model.to(device)
     prompts = prompt_set(cfg.prompt_set, cfg.get("prompt_file"))
     config = SamplingConfig(sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, spacing=cfg.spacing,
-                            eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size, use_ema=cfg.use_ema)
-    metrics, images, expanded = evaluate_prompts(model, prompts, cfg.n_per_prompt, config)
+                            eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size, use_ema=cfg.use_ema,
+                            height=cfg.get("height"), width=cfg.get("width"))
+    metrics, images, expanded = evaluate_prompts(model, prompts, cfg.n_per_prompt, config,
+                                                 shape_aliases=dict(cfg.get("shape_aliases") or {}))
     del model
     if cfg.save_images:
         make_grid(images, captions=expanded, ncol=cfg.n_per_prompt).save(out / "samples.png")
@@ -121,6 +127,8 @@ def evaluate(cfg: DictConfig) -> dict:
     feature, features = build_feature_extractor(cfg.inception_weights, clip, cfg.clip_ckpt)
     notes: list[str] = []
     metrics = {"kind": kind, "checkpoint": str(cfg.ckpt), "features": features}
+    if cfg.get("lora"):
+        metrics.update({"lora": str(cfg.lora), "lora_scale": cfg.lora_scale})
     if kind == "diffusion":
         metrics.update(evaluate_diffusion(cfg, device, clip, feature, notes, out))
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,7 @@ def tiny_shards(build: dict, root: Path) -> tuple[str, str]:
 
     kwargs = dict(build.get("kwargs") or {})
     name = f"{build['source']}_" + "_".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
+    name = re.sub(r"[^A-Za-z0-9_.-]", "", name)  # list / dict kwargs: no glob or brace characters in the folder
     out = root / name
     if not existing_shards(out, "train"):
         spec = {"source": build["source"], "splits": TINY_SPLITS[build["source"]], "kwargs": kwargs,

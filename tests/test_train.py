@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from train import train
 
@@ -45,6 +45,21 @@ def stage_checkpoints(tiny_data_root, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def ldm_checkpoint(stage_checkpoints, tiny_data_root, tmp_path_factory):
+    """An (untrained) quickstart_ldm checkpoint on the tiny stage-0/1 checkpoints: what fine-tuning recipes start from."""
+    import hydra
+
+    from ldm.convert.checkpoint import save_project_checkpoint
+    from tests.hydra_helpers import compose_train_config
+
+    run_dir = tmp_path_factory.mktemp("ldm")
+    cfg = compose_train_config(["experiment=quickstart_ldm"], run_dir, tiny_data_root)
+    _point_at_checkpoints(cfg, stage_checkpoints)
+    save_project_checkpoint(hydra.utils.instantiate(cfg.model, _convert_="all"), run_dir / "base.ckpt")
+    return str(run_dir / "base.ckpt")
+
+
 def _point_at_checkpoints(cfg, checkpoints):
     with open_dict(cfg):
         model = cfg.model
@@ -68,11 +83,13 @@ def _export_tiny_sd_file(cfg, path):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_fast_dev_run(experiment, compose_train, stage_checkpoints, tmp_path):
+def test_every_experiment_runs_fast_dev_run(experiment, compose_train, stage_checkpoints, request, tmp_path):
     tiny_sd = TINY_SD + TINY_SD_HEADS[experiment] if experiment in TINY_SD_HEADS else []
     cfg = compose_train([f"experiment={experiment}", "debug=fast_dev_run", "logger=csv", *tiny_sd])
     with open_dict(cfg):
         cfg.trainer.detect_anomaly = False  # anomaly mode is slow; fast_dev_run is the check here
+        if not tiny_sd and OmegaConf.is_missing(cfg, "init_from"):
+            cfg.init_from = request.getfixturevalue("ldm_checkpoint")  # fine-tuning recipes (quickstart_finetune, _lora)
     _point_at_checkpoints(cfg, stage_checkpoints)
     if tiny_sd:
         _export_tiny_sd_file(cfg, tmp_path / "tiny_sd.safetensors")

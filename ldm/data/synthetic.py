@@ -8,7 +8,7 @@ triangle) and rendered anti-aliased (4x supersampling, then box downsampling = e
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -106,7 +106,12 @@ class ShapesSource:
         colors: Sequence[str] | None = None,
         backgrounds: Sequence[str] | None = None,
         caption_detail: str = "varied",
+        shape_words: Mapping[str, str] | None = None,
+        replay_fraction: float = 0.0,
     ):
+        """``shape_words`` renames shapes in the captions (e.g. ``{"triangle": "wedge"}`` teaches a new word);
+        ``meta["shape"]`` keeps the drawn shape. ``replay_fraction`` of the samples ignore ``shapes`` and
+        ``shape_words`` (every shape, original words): rehearsal of what a fine-tune should not forget."""
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         if resolution < 16:
@@ -123,6 +128,14 @@ class ShapesSource:
                 raise ValueError(f"{name} must be a non-empty subset of {list(allowed)}, got {list(chosen)}")
         if caption_detail not in CAPTION_DETAILS:
             raise ValueError(f"caption_detail must be one of {CAPTION_DETAILS}, got {caption_detail!r}")
+        self.shape_words = {shape: shape for shape in SHAPES}
+        for shape, word in dict(shape_words or {}).items():
+            if shape not in SHAPES or not str(word).isalpha():
+                raise ValueError(f"shape_words maps shapes {list(SHAPES)} to single words, got {shape!r}: {word!r}")
+            self.shape_words[shape] = str(word).lower()
+        if not 0.0 <= replay_fraction <= 1.0:
+            raise ValueError(f"replay_fraction must lie in [0, 1], got {replay_fraction}")
+        self.replay_fraction = float(replay_fraction)
         self.num_samples = int(num_samples)
         self.resolution = int(resolution)
         self.seed = int(seed)
@@ -135,15 +148,18 @@ class ShapesSource:
 
     def prompts(self) -> list[str]:
         """Canonical short prompts ``"a {color} {shape}"`` over this source's colors and shapes."""
-        return canonical_prompts(self.colors, self.shapes)
+        return canonical_prompts(self.colors, [self.shape_words[s] for s in self.shapes])
 
     def attributes(self, index: int) -> dict:
         """Structured attributes of sample ``index`` (what the image shows)."""
         index = check_index(index, len(self))
         rng = index_rng(self.seed, self.split, index, stream=0)
         size = ("small", "medium", "large")[rng.integers(3)]
+        replay = self.replay_fraction > 0 and bool(index_rng(self.seed, self.split, index, stream=2).random()
+                                                   < self.replay_fraction)
+        shapes = SHAPES if replay else self.shapes
         attrs = {
-            "shape": self.shapes[rng.integers(len(self.shapes))],
+            "shape": shapes[rng.integers(len(shapes))],
             "color": self.colors[rng.integers(len(self.colors))],
             "background": self.backgrounds[rng.integers(len(self.backgrounds))],
             "size": size,
@@ -157,6 +173,8 @@ class ShapesSource:
         box = [round((c + d * side / 2) * self.resolution * 4) / 4 for c, d in ((cx, -1), (cy, -1), (cx, 1), (cy, 1))]
         attrs["position"] = POSITION_PHRASES[(attrs["row"], attrs["column"])]
         attrs["bbox"] = [box[0], box[1], box[2], box[3]]  # (x0, y0, x1, y1) in pixels
+        if self.replay_fraction > 0:
+            attrs["replay"] = replay
         return attrs
 
     def __getitem__(self, index: int) -> Sample:
@@ -164,5 +182,6 @@ class ShapesSource:
         attrs = self.attributes(index)
         color, background = FOREGROUND_COLORS[attrs["color"]], BACKGROUND_COLORS[attrs["background"]]
         image = render_shape(attrs["shape"], color, background, attrs["bbox"], self.resolution)
-        caption = shape_caption(attrs, index_rng(self.seed, self.split, index, stream=1), self.caption_detail)
+        named = {**attrs, "shape": attrs["shape"] if attrs.get("replay") else self.shape_words[attrs["shape"]]}
+        caption = shape_caption(named, index_rng(self.seed, self.split, index, stream=1), self.caption_detail)
         return {"key": f"shapes_{self.split}_{index:08d}", "image": image, "caption": caption, "meta": attrs}

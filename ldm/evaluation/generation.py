@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,10 +35,10 @@ def prompt_set(name: str, prompt_file: str | None = None) -> list[str]:
     raise ValueError(f"Unknown prompt_set={name!r}; choose shapes, digits or file.")
 
 
-def score(images: torch.Tensor, prompts: Sequence[str]) -> dict:
+def score(images: torch.Tensor, prompts: Sequence[str], shape_aliases: Mapping[str, str] | None = None) -> dict:
     """Pick the reader that understands the prompts: shapes (color + shape) or digits (class)."""
-    if all(expected_shape_attributes(p) for p in prompts):
-        return shapes_accuracy(images, prompts)
+    if all(expected_shape_attributes(p, shape_aliases) for p in prompts):
+        return shapes_accuracy(images, prompts, shape_aliases)
     if all(expected_digit(p) is not None for p in prompts):
         return digits_accuracy(images, prompts)
     raise ValueError("The prompts name neither a palette color + shape nor a digit: no reader can score them.")
@@ -56,13 +56,15 @@ def generate(model, prompts: Sequence[str], config: SamplingConfig) -> torch.Ten
     return torch.cat(chunks)  # [N, 3, H, W] in [0, 1]
 
 
-def evaluate_prompts(model, prompts: Sequence[str], n_per_prompt: int, config: SamplingConfig) -> tuple[dict, torch.Tensor, list[str]]:
-    """Generate ``n_per_prompt`` images per prompt and score them. Returns (metrics, images, prompts)."""
+def evaluate_prompts(model, prompts: Sequence[str], n_per_prompt: int, config: SamplingConfig,
+                     shape_aliases: Mapping[str, str] | None = None) -> tuple[dict, torch.Tensor, list[str]]:
+    """Generate ``n_per_prompt`` images per prompt and score them (``shape_aliases``: extra shape words, e.g.
+    {"wedge": "triangle"}). Returns (metrics, images, prompts)."""
     expanded = [p for p in prompts for _ in range(n_per_prompt)]
     start = time.perf_counter()
     images = generate(model, expanded, config)  # [N, 3, H, W] in [0, 1]
     seconds = time.perf_counter() - start
-    metrics = score(images, expanded)
+    metrics = score(images, expanded, shape_aliases)
     metrics.update({
         "sampler": config.sampler, "steps": config.steps, "nfe": nfe(config.sampler, config.steps),
         "cfg_scale": config.cfg_scale, "spacing": config.spacing, "seconds": round(seconds, 2),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +25,16 @@ def _words(prompt: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", prompt.lower())
 
 
-def expected_shape_attributes(prompt: str) -> Optional[dict[str, str]]:
-    """{"color", "shape"} named by a prompt such as "a small red circle on black"; None if it names neither."""
+def expected_shape_attributes(prompt: str, shape_aliases: Optional[Mapping[str, str]] = None) -> Optional[dict[str, str]]:
+    """{"color", "shape"} named by a prompt such as "a small red circle on black"; None if it names neither.
+    ``shape_aliases`` reads extra words as shapes, e.g. {"wedge": "triangle"} after fine-tuning a new word."""
+    aliases = {w.lower(): s for w, s in (shape_aliases or {}).items()}
+    unknown = sorted(s for s in aliases.values() if s not in SHAPES)
+    if unknown:
+        raise ValueError(f"shape_aliases must map words to shapes {list(SHAPES)}, got {unknown}.")
     words = _words(prompt)
     colors = [w for w in words if w in FOREGROUND_COLORS]
-    shapes = [w for w in words if w in SHAPES]
+    shapes = [aliases.get(w, w) for w in words if w in SHAPES or w in aliases]
     if not colors or not shapes:
         return None
     return {"color": colors[0], "shape": shapes[0]}
@@ -45,14 +50,15 @@ def expected_digit(prompt: str) -> Optional[int]:
     return None
 
 
-def shapes_accuracy(images: torch.Tensor, prompts: Sequence[str]) -> dict:
+def shapes_accuracy(images: torch.Tensor, prompts: Sequence[str],
+                    shape_aliases: Optional[Mapping[str, str]] = None) -> dict:
     """images: [N, 3, H, W] in [0, 1]. Returns accuracies (color, shape, both) overall and per prompt."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts.")
     per_prompt: dict[str, list[bool]] = defaultdict(list)
     color_ok, shape_ok, both_ok, readings = [], [], [], []
     for image, prompt in zip(images, prompts):
-        expected = expected_shape_attributes(prompt)
+        expected = expected_shape_attributes(prompt, shape_aliases)
         if expected is None:
             raise ValueError(f"Prompt {prompt!r} names no palette color and shape; prompt accuracy needs both.")
         read = read_shape_image(image.permute(1, 2, 0).cpu().numpy())

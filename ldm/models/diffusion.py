@@ -54,6 +54,8 @@ class LatentDiffusion(L.LightningModule):
         ema_decay: EMA decay of the U-Net (None disables EMA).
         timestep_range: [t_min, t_max) sampled during training (curriculum can change it).
         concat_channels: extra U-Net input channels concatenated to the latents (upscaling, inpainting).
+        lora: ``{rank, alpha, dropout, target_modules}``: train only LoRA adapters on the U-Net's attention
+            projections (``ldm/lora.py``; needs ``ema_decay=None`` and a frozen text encoder). None: all weights train.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class LatentDiffusion(L.LightningModule):
         concat_channels: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        lora: Optional[dict] = None,
         optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
         scheduler: Optional[Callable[..., Any]] = None,
     ):
@@ -114,6 +117,20 @@ class LatentDiffusion(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["first_stage_config"] = first_stage_config
         self._first_stage_identity: Optional[dict] = None  # computed on the first cached-latent batch
+        if lora:
+            self.add_lora(lora)
+
+    def add_lora(self, spec: dict) -> None:
+        """Freeze the U-Net and inject LoRA adapters (``ldm.lora``): from here on only they train. Recorded in the
+        hyper-parameters, so the checkpoint reloads with its adapters."""
+        from ldm.lora import inject_lora, lora_spec
+
+        if self.model_ema is not None or not self.cond_stage_model.frozen:
+            raise ValueError("LoRA trains only the U-Net adapters, without EMA: set model.ema_decay=null and "
+                             "model.cond_stage_config.freeze=true.")
+        spec = lora_spec(spec)
+        inject_lora(self.unet, spec)
+        self.hparams["lora"] = spec
 
     # ------------------------------------------------------------------ public surface
     @property

@@ -56,7 +56,14 @@ def run_sampling(cfg: DictConfig, prompts: list[str], device: torch.device) -> d
     from ldm.utils.image_inputs import image_request
 
     ckpt = Path(cfg.ckpt)
-    model = load_latent_diffusion(str(ckpt)).to(device)
+    model = load_latent_diffusion(str(ckpt))
+    lora_meta = {}
+    if cfg.get("lora"):  # merge a LoRA adapter into the base's sampling U-Net (ldm/lora.py)
+        from ldm.lora import apply_adapter
+
+        apply_adapter(model, cfg.lora, scale=cfg.lora_scale, use_ema=cfg.use_ema)
+        lora_meta = {"lora": Path(cfg.lora).name, "lora_sha256": file_hash(cfg.lora), "lora_scale": cfg.lora_scale}
+    model = model.to(device)
     if cfg.precision == "bf16":
         model = model.to(torch.bfloat16)
     elif cfg.precision != "fp32":
@@ -84,7 +91,7 @@ def run_sampling(cfg: DictConfig, prompts: list[str], device: torch.device) -> d
             "prompt": prompt, "negative_prompt": cfg.negative_prompt, "seed": cfg.seed + i,
             "sampler": cfg.sampler, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "spacing": cfg.spacing,
             "use_ema": cfg.use_ema, "checkpoint": ckpt.name, "checkpoint_sha256": ckpt_hash,
-            **(request.metadata if request is not None else {}),
+            **lora_meta, **(request.metadata if request is not None else {}),
             **(upscaled[1] if upscaled is not None else {}),
         }
         info = PngInfo()
@@ -102,7 +109,8 @@ def run_sampling(cfg: DictConfig, prompts: list[str], device: torch.device) -> d
 
 def upscale_samples(cfg: DictConfig, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict]:
     """The super-resolution stage of ``upscale=true``: images [N, 3, H, W] in [0, 1] -> [N, 3, sH, sW] in [0, 1]
-    with ``upscaler_ckpt`` (DDIM, ``upscale_steps``, ``upscale_noise_level``), and their PNG metadata."""
+    with ``upscaler_ckpt`` (``ldm.upscale.upscale``'s sampler, ``upscale_steps``, ``upscale_noise_level``) and their
+    PNG metadata."""
     from ldm.models.upscaler import load_upscaler
     from ldm.upscale import upscale
 

@@ -1,14 +1,16 @@
-"""Stage-2 training step from cached latents (``ldm.data.latents``) against images encoded online.
+"""Stage-2 training step from cached latents (and text embeddings, ``ldm.data.latents``) against online encoding.
 
 The same ``LatentDiffusion`` (composed through Hydra as ``train.py`` would, first stage at a seeded random
 init: weights do not change the cost) runs full training steps (``diffusion_step``: posterior sample or
-encoder forward, text encoder, U-Net forward + backward, AdamW step, EMA update) on one batch held in
-memory, alternating the two inputs in one process: images [B, 3, H, W] (encoded every step, as
-``data=shapes32``) and their cached posterior moments [B, C, h, w] in float16 (as ``data=shapes32_latents``).
-The table gives the median step time, samples/s and the speed-up of the cache.
+encoder forward, text encoder or cached text, U-Net forward + backward, AdamW step, EMA update) on one batch
+held in memory, alternating three inputs in one process: images [B, 3, H, W] (encoded every step, as
+``data=shapes32``), their cached posterior moments [B, C, h, w] in float16 (as ``data=shapes32_latents``), and
+the moments plus the captions' cached text embeddings (context [B, L, D], pooled [B, P] in float16, as a cache
+written with ``scripts/encode_latents.py text_encoder=...``). The table gives the median step times, samples/s
+and the speed-up of each cache over online encoding.
 
-With ``--loader`` it also times the two data modules (decode + collation, workers=0) on the same
-images written as shards and as a latent cache, so the step gain can be set against the loading cost.
+With ``--loader`` it also times the data modules (decode + collation, workers=0) on the same images written as
+shards, as a latent cache and as a latent + text cache, so the step gain can be set against the loading cost.
 
     python benchmarks/cached_latents.py                          # quickstart + sd-like, CPU
     python benchmarks/cached_latents.py --configs quickstart --iters 20 --threads 1 --loader
@@ -37,6 +39,7 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ldm.utils.resolvers  # noqa: E402,F401  (registers the resolvers the configs use)
+from ldm.models.text_cache import text_encoder_identity  # noqa: E402
 from _report import append_markdown  # noqa: E402  (benchmarks/_report.py)
 
 # name -> (train.py overrides, autoencoder experiment for the first stage or None, image side, batch)
@@ -76,7 +79,8 @@ def build_model(name: str, device: torch.device):
 
 
 def make_batches(model, image_size: int, batch: int, device: torch.device) -> dict[str, dict]:
-    """One image batch and the cached-latent batch made from it (fp16 posterior moments, as the cache stores)."""
+    """One image batch and the cached batches made from it (fp16 posterior moments and text embeddings, as the
+    cache stores them)."""
     generator = torch.Generator().manual_seed(0)
     images = (torch.rand(batch, 3, image_size, image_size, generator=generator) * 2 - 1).to(device)  # [B, 3, H, W]
     with torch.no_grad():
@@ -84,7 +88,11 @@ def make_batches(model, image_size: int, batch: int, device: torch.device) -> di
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
     cached = {"latent_mean": posterior.mean.half(), "latent_logvar": posterior.logvar.half(),  # [B, C, h, w] each
               "caption": captions, "latent_source": [model.first_stage_identity()] * batch}  # checked every step
-    return {"images": {"image": images, "caption": captions}, "cached latents": cached}
+    text = model.cond_stage_model.encode(captions)
+    with_text = {**cached, "text_context": text["context"].half(),  # [B, L, D]
+                 "text_pooled": text["pooled"].half(),  # [B, P]
+                 "text_source": [text_encoder_identity(model.cond_stage_model)] * batch}  # checked every step
+    return {"images": {"image": images, "caption": captions}, "cached latents": cached, "latents + text": with_text}
 
 
 def train_step(model, optimizer, batch: dict) -> None:
@@ -118,9 +126,9 @@ def bench_step(name: str, args, device: torch.device) -> dict:
     return {"config": name, "batch": batch, "image": image_size, "latent": "x".join(map(str, latent)),
             "unet_M": sum(p.numel() for p in model.unet.parameters()) / 1e6,
             "ae_M": sum(p.numel() for p in model.first_stage_model.encoder.parameters()) / 1e6,
-            "image_ms": med["images"] * 1e3, "cached_ms": med["cached latents"] * 1e3,
-            "image_sps": batch / med["images"], "cached_sps": batch / med["cached latents"],
-            "speedup": med["images"] / med["cached latents"]}
+            "text_M": sum(p.numel() for p in model.cond_stage_model.parameters()) / 1e6,
+            "ms": {k: v * 1e3 for k, v in med.items()}, "sps": {k: batch / v for k, v in med.items()},
+            "speedup": {k: med["images"] / v for k, v in med.items() if k != "images"}}
 
 
 def bench_loaders(args, device: torch.device) -> list[dict]:
@@ -134,20 +142,27 @@ def bench_loaders(args, device: torch.device) -> list[dict]:
 
     model, _ = build_model("quickstart", device)
     identity = {"encoder_sha256": "benchmark"}
+    text_identity = text_encoder_identity(model.cond_stage_model)
     n, batch = args.loader_samples, CONFIGS["quickstart"][3]
     with tempfile.TemporaryDirectory() as tmp:
         images = write_shards(ShapesSource(n, resolution=32, seed=0), tmp, prefix="train", progress=False)
         reader = WebDataModule(None, images.pattern, image_size=32, batch_size=batch)
         reader.setup("validate")
-        with wds.TarWriter(str(Path(tmp) / "latents-000000.tar"), encoder=False, mtime=0) as sink:
+        latents, with_text = str(Path(tmp) / "latents-000000.tar"), str(Path(tmp) / "text-000000.tar")
+        with (wds.TarWriter(latents, encoder=False, mtime=0) as sink,
+              wds.TarWriter(with_text, encoder=False, mtime=0) as text_sink):
             for b in reader.val_dataloader():
                 with torch.no_grad():
                     posterior = model.first_stage_model.encode(b["image"].to(device))
-                for key, caption, mean, logvar in zip(b["key"], b["caption"], posterior.mean, posterior.logvar):
+                    text = model.cond_stage_model.encode(b["caption"])
+                for i, (key, caption) in enumerate(zip(b["key"], b["caption"])):
+                    mean, logvar = posterior.mean[i], posterior.logvar[i]  # [C, h, w]
                     sink.write(latent_record(key, mean, logvar, caption, {}, identity, 32))
+                    row = {"text_context": text["context"][i], "text_pooled": text["pooled"][i]}  # [L, D], [P]
+                    text_sink.write(latent_record(key, mean, logvar, caption, {}, identity, 32, row, text_identity))
         modules = {"images (png)": WebDataModule(None, images.pattern, image_size=32, batch_size=batch),
-                   "cached latents (safetensors)": LatentDataModule(None, str(Path(tmp) / "latents-000000.tar"),
-                                                            batch_size=batch)}
+                   "cached latents (safetensors)": LatentDataModule(None, latents, batch_size=batch),
+                   "latents + text (safetensors)": LatentDataModule(None, with_text, batch_size=batch)}
         rates = {k: [] for k in modules}
         for _ in range(args.loader_repeats):
             for key, dm in modules.items():
@@ -184,16 +199,21 @@ def main() -> None:
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     lines = [f"Device: {where}. Median of {args.iters} training steps per input after {args.warmup} warm-up, "
-             "alternating images (encoded every step) and cached latents on the same model in one process.", "",
-             "| config | batch | image px | latent | U-Net | encoder | step, images | step, cached | "
-             "samples/s, images | samples/s, cached | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "alternating images (both encoders every step), cached latents (text encoder every step) and cached "
+             "latents + text (no encoder) on the same model in one process. Speed-up: over images.", "",
+             "| config | batch | image px | latent | U-Net | AE encoder | text encoder | step, images | "
+             "step, latents | "
+             "step, latents + text | samples/s, images | samples/s, latents | samples/s, latents + text | "
+             "speed-up, latents | speed-up, latents + text |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    kinds = ("images", "cached latents", "latents + text")
     for name in args.configs:
         r = bench_step(name, args, device)
         row = (f"| {r['config']} | {r['batch']} | {r['image']} | {r['latent']} | {r['unet_M']:.1f}M | "
-               f"{r['ae_M']:.2f}M | {r['image_ms']:.1f} ms | {r['cached_ms']:.1f} ms | {_rate(r['image_sps'])} | "
-               f"{_rate(r['cached_sps'])} | {r['speedup']:.2f}x |")
+               f"{r['ae_M']:.2f}M | {r['text_M']:.2f}M | " + " | ".join(f"{r['ms'][k]:.1f} ms" for k in kinds) + " | "
+               + " | ".join(_rate(r["sps"][k]) for k in kinds) + " | "
+               + " | ".join(f"{r['speedup'][k]:.2f}x" for k in kinds[1:]) + " |")
         lines.append(row)
         print(row, flush=True)
     if args.loader:
@@ -204,7 +224,8 @@ def main() -> None:
         print("\n".join(loader_lines))
         lines += loader_lines
     if args.append:
-        append_markdown(args.append, "Cached latents vs online encoding (stage-2 training step)", "\n".join(lines))
+        append_markdown(args.append, "Cached latents and text vs online encoding (stage-2 training step)",
+                        "\n".join(lines))
 
 
 if __name__ == "__main__":

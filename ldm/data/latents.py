@@ -8,22 +8,36 @@
     {key}.json                  the image sample's meta + "latent_source": the autoencoder identity
                                 (:func:`ldm.models.latent_source.autoencoder_identity`) and "image_size"
 
+With ``text_encoder=`` the frozen text encoder's output is cached too (optional; all samples or none):
+
+    {key}.latents.safetensors   + "text_context": float16 [L, D]  the U-Net's cross-attention context of the caption
+                                + "text_pooled":  float16 [P]     its pooled embedding (``num_classes: sequential``)
+    {key}.json                  + "text_source": the text identity (:func:`ldm.models.text_cache.text_encoder_identity`:
+                                arch, layer, context_length, weights SHA-256, context_shape, pooled_shape, checkpoint)
+    {split}-text_uncond.safetensors  once per split, beside the shards: "context" [L, D] and "pooled" [P] of the
+                                empty prompt "" (what caption dropout trains on), float16, the identity in its metadata
+
 The tensors are one safetensors payload: nothing is ever unpickled, and one small file per sample keeps tar
 and header parsing cheap (decoding it takes ~20 us; two ``.npy`` files take ~180 us at 8x8x4). Batches are dicts
 ``{"latent_mean": HalfTensor [B, C, h, w], "latent_logvar": [B, C, h, w], "caption", "key",
-"latent_source": list[dict], "n_skipped", "n_empty_caption"}``; ``LatentDiffusion`` samples
+"latent_source": list[dict], "n_skipped", "n_empty_caption"}`` (+ ``"text_context"`` [B, L, D], ``"text_pooled"``
+[B, P] float16 and ``"text_source": list[dict]`` from a text cache); ``LatentDiffusion`` samples
 z = mean + exp(logvar / 2) * eps from them (a fresh draw every step, as with online encoding) and
-checks ``latent_source`` against its own first stage. Bad samples are skipped and counted like images
-(:mod:`ldm.data.stages`): a missing or undecodable payload, non-float / mis-shaped / non-finite tensors,
-a ``.json`` without ``latent_source``, a caption that is not UTF-8.
+checks ``latent_source`` against its own first stage; it uses cached text instead of its text encoder after
+checking ``text_source`` (:class:`ldm.models.text_cache.CachedTextConditioning`). Bad samples are skipped and
+counted like images (:mod:`ldm.data.stages`): a missing or undecodable payload, non-float / mis-shaped /
+non-finite tensors (latent or text), a ``.json`` without ``latent_source`` (or without ``text_source`` beside
+text tensors, or with one but no text tensors), a caption that is not UTF-8.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -32,30 +46,59 @@ from ldm.data.webdataset import Shards, WebDataModule
 
 LATENTS_KEY = "latents.safetensors"
 SOURCE_FIELD = "latent_source"
+TEXT_SOURCE_FIELD = "text_source"
+TEXT_TENSORS = ("text_context", "text_pooled")
 
 
-def moments_bytes(mean: torch.Tensor, logvar: torch.Tensor) -> bytes:
-    """Posterior moments [C, h, w] -> safetensors bytes holding float16 "mean" and "logvar"."""
-    return save_tensors({"mean": mean.detach().to("cpu", torch.float16).contiguous(),
-                         "logvar": logvar.detach().to("cpu", torch.float16).contiguous()})
+def text_uncond_name(split: str) -> str:
+    """File beside a split's shards holding the empty prompt's embeddings."""
+    return f"{split}-text_uncond.safetensors"
+
+
+def _half(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.float16).contiguous()
+
+
+def moments_bytes(mean: torch.Tensor, logvar: torch.Tensor, text: Optional[Mapping[str, torch.Tensor]] = None) -> bytes:
+    """Posterior moments [C, h, w] (+ ``text``: "text_context" [L, D], "text_pooled" [P]) -> float16 safetensors."""
+    tensors = {"mean": mean, "logvar": logvar, **(text or {})}
+    return save_tensors({name: _half(t) for name, t in tensors.items()})
 
 
 def latent_record(key: str, mean: torch.Tensor, logvar: torch.Tensor, caption: str, meta: Mapping[str, Any],
-                  source: Mapping[str, Any], image_size: int) -> dict[str, Any]:
-    """One cache sample as WebDataset bytes; ``mean``/``logvar`` [C, h, w] are stored as float16."""
+                  source: Mapping[str, Any], image_size: int, text: Optional[Mapping[str, torch.Tensor]] = None,
+                  text_source: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """One cache sample as WebDataset bytes; ``mean``/``logvar`` [C, h, w] (and ``text``) are stored as float16."""
     record_meta = {**meta, SOURCE_FIELD: dict(source), "image_size": int(image_size)}
+    if text is not None:
+        record_meta[TEXT_SOURCE_FIELD] = dict(text_source or {})
     return {
         "__key__": key,
-        LATENTS_KEY: moments_bytes(mean, logvar),
+        LATENTS_KEY: moments_bytes(mean, logvar, text),
         "txt": caption.encode("utf-8"),
         "json": json.dumps(record_meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
     }
 
 
+def save_text_uncond(path: str | Path, context: torch.Tensor, pooled: torch.Tensor,
+                     source: Mapping[str, Any]) -> None:
+    """Write the empty prompt's ``context`` [L, D] and ``pooled`` [P] (float16) with the text identity as metadata."""
+    tensors = {"context": _half(context), "pooled": _half(pooled)}
+    metadata = {TEXT_SOURCE_FIELD: json.dumps(dict(source), sort_keys=True)}
+    Path(path).write_bytes(save_tensors(tensors, metadata=metadata))
+
+
+def load_text_uncond(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``save_text_uncond``'s file -> (context [L, D], pooled [P], text identity)."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("context"), f.get_tensor("pooled"), json.loads(f.metadata()[TEXT_SOURCE_FIELD])
+
+
 def _moments_problem(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """Why a decoded payload is not a usable (mean, logvar) pair, else None."""
-    if set(tensors) != {"mean", "logvar"}:
-        return f"the payload must hold tensors 'mean' and 'logvar', got {sorted(tensors)}"
+    """Why a decoded payload is not a usable (mean, logvar) pair (+ optional text pair), else None."""
+    if set(tensors) not in ({"mean", "logvar"}, {"mean", "logvar", *TEXT_TENSORS}):
+        return (f"the payload must hold tensors 'mean' and 'logvar' (and optionally {TEXT_TENSORS}), "
+                f"got {sorted(tensors)}")
     mean, logvar = tensors["mean"], tensors["logvar"]
     if not (mean.is_floating_point() and logvar.is_floating_point()):
         return f"latent tensors must be floating point, got {mean.dtype} / {logvar.dtype}"
@@ -66,8 +109,30 @@ def _moments_problem(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
+def _text_problem(tensors: Mapping[str, torch.Tensor], source: Any) -> Optional[str]:
+    """Why a payload's text pair does not fit its ``text_source`` (or one is missing), else None."""
+    has_text = TEXT_TENSORS[0] in tensors
+    if not has_text:
+        if source is None:
+            return None
+        return f"the .json names a text encoder ({TEXT_SOURCE_FIELD}) but the payload holds no text tensors"
+    if not isinstance(source, dict) or "weights_sha256" not in source:
+        return f"text tensors but the .json names no text encoder ({TEXT_SOURCE_FIELD}.weights_sha256)"
+    context, pooled = (tensors[name] for name in TEXT_TENSORS)
+    if not (context.is_floating_point() and pooled.is_floating_point()):
+        return f"text tensors must be floating point, got {context.dtype} / {pooled.dtype}"
+    shapes = [list(context.shape), list(pooled.shape)]
+    expected = [source.get("context_shape"), source.get("pooled_shape")]
+    if context.ndim != 2 or pooled.ndim != 1 or shapes != expected:
+        return f"text tensors must be [L, D] / [P] = {expected[0]} / {expected[1]}, got {shapes[0]} / {shapes[1]}"
+    if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
+        return "text tensors contain NaN or infinity"
+    return None
+
+
 class DecodeLatents:
-    """Raw cache samples -> ``{"key", "latent_mean", "latent_logvar", "caption", "empty_caption", "latent_source"}``.
+    """Raw cache samples -> ``{"key", "latent_mean", "latent_logvar", "caption", "empty_caption", "latent_source"}``
+    (+ ``"text_context", "text_pooled", "text_source"`` from a text cache).
 
     Unusable samples are skipped and counted; latents of a different shape than the stream's first sample
     mean the cache mixes resolutions (a configuration error), which raises.
@@ -76,6 +141,7 @@ class DecodeLatents:
     def __init__(self, counter: SkipCounter):
         self.counter = counter
         self.shape: Optional[tuple[int, ...]] = None
+        self.text: Optional[tuple[torch.Size, ...]] = None  # (context [L, D], pooled [P]) shapes, None: no text
         self.first_where = ""
 
     def _decode(self, raw: dict[str, Any], where: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
@@ -97,8 +163,14 @@ class DecodeLatents:
         source = meta.get(SOURCE_FIELD) if isinstance(meta, dict) else None
         if not isinstance(source, dict) or "encoder_sha256" not in source:
             return None, f"the .json of {where} names no autoencoder ({SOURCE_FIELD}.encoder_sha256)"
+        text_source = meta.get(TEXT_SOURCE_FIELD) if isinstance(meta, dict) else None
+        problem = _text_problem(tensors, text_source)
+        if problem is not None:
+            return None, f"{problem} ({where})"
         sample = {"key": raw.get("__key__", "?"), "latent_mean": tensors["mean"], "latent_logvar": tensors["logvar"],
                   "caption": caption, "empty_caption": not caption, "latent_source": source}
+        if text_source is not None:
+            sample.update({name: tensors[name] for name in TEXT_TENSORS}, text_source=text_source)
         return sample, None
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -109,12 +181,18 @@ class DecodeLatents:
                 self.counter.skip(problem)
                 continue
             shape = tuple(sample["latent_mean"].shape)
+            text = tuple(sample[name].shape for name in TEXT_TENSORS) if "text_context" in sample else None
             if self.shape is None:
-                self.shape, self.first_where = shape, where
+                self.shape, self.text, self.first_where = shape, text, where
             elif shape != self.shape:
                 raise ValueError(
                     f"latent shapes differ within the cache: {list(self.shape)} ({self.first_where}) vs "
                     f"{list(shape)} ({where}). Encode every shard of one data set at one image_size."
+                )
+            elif text != self.text:
+                raise ValueError(
+                    f"the cache mixes samples with and without text embeddings, or of different text encoders: "
+                    f"{self.text} ({self.first_where}) vs {text} ({where}). Encode every shard with one text_encoder=."
                 )
             self.counter.good()
             yield sample
@@ -124,7 +202,13 @@ class BatchLatents(BatchSamples):
     """Decoded latent samples -> batches (same emission and skip-count rules as image batches)."""
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        text = {}
+        if "text_context" in samples[0]:  # DecodeLatents keeps a stream all-text or no-text
+            text = {"text_context": torch.stack([s["text_context"] for s in samples]),  # [B, L, D] float16
+                    "text_pooled": torch.stack([s["text_pooled"] for s in samples]),  # [B, P] float16
+                    "text_source": [s["text_source"] for s in samples]}
         return {
+            **text,
             "latent_mean": torch.stack([s["latent_mean"] for s in samples]),  # [B, C, h, w] float16
             "latent_logvar": torch.stack([s["latent_logvar"] for s in samples]),  # [B, C, h, w] float16
             "caption": [s["caption"] for s in samples],

@@ -28,6 +28,7 @@ from ldm.diffusion.loss import diffusion_loss, loss_weights, sample_timesteps
 from ldm.diffusion.schedule import NoiseSchedule, sample_noise
 from ldm.models.first_stage import FirstStage
 from ldm.models.latent_source import autoencoder_identity, check_latent_sources
+from ldm.models.text_cache import CachedTextConditioning
 from ldm.modules.conditioning import OpenCLIPTextEncoder
 from ldm.modules.ema import EMA
 from ldm.modules.unet import UNetModel
@@ -117,6 +118,7 @@ class LatentDiffusion(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["first_stage_config"] = first_stage_config
         self._first_stage_identity: Optional[dict] = None  # computed on the first cached-latent batch
+        self._cached_text = CachedTextConditioning()  # batches with cached text embeddings (ldm.models.text_cache)
         if lora:
             self.add_lora(lora)
 
@@ -314,7 +316,10 @@ class LatentDiffusion(L.LightningModule):
         """One noising + denoising pass; returns the loss and its parts."""
         z0 = self._latents_from_batch(batch)  # [B, C, h, w]
         captions = self._drop_captions(batch["caption"])
-        cond = self.encode_conditioning(captions)  # context [B, 77, D] (+ y [B, E])
+        if "text_context" in batch:  # cached text embeddings: the text encoder runs only for ""
+            cond = self._cached_text(self, batch, captions)
+        else:
+            cond = self.encode_conditioning(captions)  # context [B, 77, D] (+ y [B, E])
         t_min, t_max = self.hparams.timestep_range or (0, self.schedule.num_timesteps)
         rng_device = generator.device if generator is not None else z0.device
         t = sample_timesteps(z0.shape[0], self.schedule.num_timesteps, t_min, t_max, generator=generator,
@@ -387,6 +392,7 @@ class LatentDiffusion(L.LightningModule):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._latent_stats_ready_host = None  # re-read the restored latent_stats_ready on the next batch
+        self._cached_text.reset()  # the text encoder's weights may change
         super()._load_from_state_dict(*args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

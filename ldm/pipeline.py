@@ -171,3 +171,13 @@ def text_to_image(model, prompts: Sequence[str], config: Optional[SamplingConfig
         z = sample_latents(model, batch.cond, batch.uncond, batch.noise, config, generator=batch.generator)
         images.append(to_unit_range(model.decode_latents(z)))  # [b, 3, H, W]
     return torch.cat(images)
+
+
+def __getattr__(name: str):
+    """``from ldm.pipeline import image_to_image``: img2img and inpainting (``ldm/pipeline_img2img.py``, which builds
+    on this module and is therefore imported on first use)."""
+    if name == "image_to_image":
+        from ldm.pipeline_img2img import image_to_image
+
+        return image_to_image
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

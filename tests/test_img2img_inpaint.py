@@ -370,3 +370,13 @@ def test_bf16_weights_sample_close_to_fp32(model, init):
         full, low = run(model), run(half)
         assert low.dtype == torch.float32 and torch.isfinite(low).all()
         assert (full - low).abs().mean() < 0.05
+
+
+def test_image_to_image_is_exposed_by_the_pipeline_module():
+    from ldm import pipeline
+    from ldm.pipeline import image_to_image
+    from ldm.pipeline_img2img import image_to_image as defined
+
+    assert image_to_image is defined
+    with pytest.raises(AttributeError, match="no attribute 'inpaint_everything'"):
+        pipeline.inpaint_everything

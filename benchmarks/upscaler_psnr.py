@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _report import append_markdown  # noqa: E402  (benchmarks/_report.py)
+from samplers import parse_run  # noqa: E402  (benchmarks/samplers.py: "SAMPLER:STEPS")
 from ldm.data.webdataset import WebDataModule  # noqa: E402
-from ldm.diffusion.samplers import nfe  # noqa: E402
 from ldm.models.upscaler import load_upscaler, psnr_per_image  # noqa: E402
 from ldm.upscale import area_downsample, bicubic_upsample, upscale  # noqa: E402
 from ldm.utils.grid import make_grid  # noqa: E402
@@ -80,22 +80,6 @@ def validation_images(data: str, n: int) -> torch.Tensor:
     return torch.cat(images)[:n].float()
 
 
-def parse_run(spec: str) -> tuple[str, int]:
-    """``"ddpm:20"`` -> ``("ddpm", 20)``; unknown samplers and bad step counts are refused."""
-    name, sep, steps = spec.partition(":")
-    if not sep or not steps.isdigit():
-        raise argparse.ArgumentTypeError(f"{spec!r} is not SAMPLER:STEPS (e.g. ddpm:20).")
-    try:
-        nfe(name, int(steps))  # validates the name and the step count
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return name, int(steps)
-
-
-def per_image_psnr(images: torch.Tensor, originals: torch.Tensor) -> list[float]:
-    return [float(psnr_per_image(a[None], x[None])) for a, x in zip(images, originals)]
-
-
 @torch.no_grad()
 def evaluate(data: str, ckpt: Path, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """One result row per run of ``args.runs`` (and the bicubic numbers in each) for one checkpoint."""
@@ -104,7 +88,7 @@ def evaluate(data: str, ckpt: Path, args: argparse.Namespace, device: torch.devi
     images = validation_images(data, args.num_images).to(device)  # [N, 3, H, W]
     low = area_downsample(images, scale)  # [N, 3, h, w]
     bicubic = bicubic_upsample(low, scale)
-    psnr_bicubic = per_image_psnr(bicubic, images)
+    psnr_bicubic = psnr_per_image(bicubic, images).tolist()
     rows, outputs = [], []
     for sampler, steps in args.runs:
         generator = torch.Generator(device).manual_seed(0)
@@ -112,7 +96,7 @@ def evaluate(data: str, ckpt: Path, args: argparse.Namespace, device: torch.devi
         ours = torch.cat([upscale(model, chunk, sampler=sampler, steps=steps, noise_level=args.noise_level,
                                   generator=generator, spacing=args.spacing) for chunk in low.split(args.batch_size)])
         seconds = (time.perf_counter() - start) / len(images)
-        psnr = per_image_psnr(ours, images)
+        psnr = psnr_per_image(ours, images).tolist()
         margin = torch.tensor(psnr) - torch.tensor(psnr_bicubic)
         outputs.append((f"{sampler} {steps}", ours, psnr))
         rows.append({"data": data, "scale": scale, "size": f"{low.shape[2]} -> {images.shape[2]} px",

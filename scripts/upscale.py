@@ -84,7 +84,7 @@ def upscale_files(args: argparse.Namespace) -> dict:
         nearest = torch.nn.functional.interpolate(low, scale_factor=scale, mode="nearest")
         row, names = [nearest, bicubic, ours], ["low-res (nearest)", "bicubic", "ours"]
         if truth is not None:
-            scores = {"bicubic": float(psnr_per_image(bicubic, truth)), "ours": float(psnr_per_image(ours, truth))}
+            scores = {"bicubic": float(psnr_per_image(bicubic, truth).mean()), "ours": float(psnr_per_image(ours, truth).mean())}
             psnrs.append(scores)
             names = [names[0], f"bicubic {scores['bicubic']:.1f} dB", f"ours {scores['ours']:.1f} dB", "original"]
             row.append(truth)

@@ -36,9 +36,9 @@ from ldm.upscale import (NOISE_AUG_SCHEDULE, area_downsample, bicubic_upsample, 
 
 
 def psnr_per_image(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean over the batch of each image's PSNR in dB; pred, target: [B, 3, H, W] in [-1, 1] (compared in [0, 1])."""
+    """Each image's PSNR in dB, [B]; pred, target: [B, 3, H, W] in [-1, 1] (compared in [0, 1])."""
     pred, target = ((pred.float() + 1) / 2).clamp(0, 1), ((target.float() + 1) / 2).clamp(0, 1)
-    return peak_signal_noise_ratio(pred, target, data_range=1.0, dim=(1, 2, 3))
+    return peak_signal_noise_ratio(pred, target, data_range=1.0, dim=(1, 2, 3), reduction="none")
 
 
 class Upscaler(L.LightningModule):
@@ -225,7 +225,8 @@ class Upscaler(L.LightningModule):
             low = area_downsample(images, self.scale)
             ours = upscale(self, low, sampler=self.hparams.val_sampler, steps=self.hparams.val_steps,
                            noise_level=self.hparams.val_noise_level, generator=generator, use_ema=False)
-        psnr, psnr_bicubic = psnr_per_image(ours, images), psnr_per_image(bicubic_upsample(low, self.scale), images)
+        psnr = psnr_per_image(ours, images).mean()
+        psnr_bicubic = psnr_per_image(bicubic_upsample(low, self.scale), images).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
         self.log("val/psnr", psnr, prog_bar=True, sync_dist=True, batch_size=size)
         self.log("val/psnr_bicubic", psnr_bicubic, sync_dist=True, batch_size=size)

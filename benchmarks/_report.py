@@ -46,3 +46,19 @@ def apply_speed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def device_label(device_type: str) -> str:
+    """``"NVIDIA H100 ..."`` on CUDA, ``"cpu (2 threads)"`` otherwise: what the table header names."""
+    return torch.cuda.get_device_name() if device_type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def enabled_speed_flags(args: argparse.Namespace) -> str:
+    """The ``add_speed_flags`` switches that are on (``"channels_last, compile"``), or ``"none"``."""
+    switches = (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.bf16))
+    return ", ".join(name for name, on in switches if on) or "none"
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (``"0.51 1.02 1.41"``): how shared the machine was."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -53,7 +53,7 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ldm.utils.resolvers  # noqa: E402,F401  (registers the resolvers the configs use)
-from _report import append_markdown  # noqa: E402  (benchmarks/_report.py)
+from _report import append_markdown, load_average  # noqa: E402  (benchmarks/_report.py)
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers  # noqa: E402
 
 DRIVERS = ("bare step", "fit, batches in memory", "fit, shard loader")
@@ -227,11 +227,10 @@ def main() -> None:
     med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     med_cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     ref, ref_cpu = med.get("bare step"), med_cpu.get("bare step")
-    load = os.getloadavg()
     lines = [
         f"{args.experiment}, batch {batch_size}, {device} ({torch.get_num_threads()} threads), shard loader "
         f"num_workers={workers}; median of {args.rounds} alternating rounds of {args.steps} steps after "
-        f"{args.warmup} warm-up; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        f"{args.warmup} warm-up; load average {load_average()}",
         "",
         "| driver | s/step | samples/s | vs bare step | CPU s/step | vs bare step (CPU) |",
         "|---|---:|---:|---:|---:|---:|",

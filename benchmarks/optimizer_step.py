@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _report import append_markdown  # noqa: E402  (benchmarks/_report.py)
+from _report import append_markdown, device_label, load_average  # noqa: E402  (benchmarks/_report.py)
 from unet_step import CONFIGS  # noqa: E402
 
 from ldm.modules.ema import EMA  # noqa: E402
@@ -81,10 +81,9 @@ def main() -> None:
 
     net = runs["for-loop"][0]
     med = {k: statistics.median(v) for k, v in times.items()}
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     lines = [f"{args.config} U-Net: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters in "
-             f"{len(list(net.parameters()))} tensors; {where}; {args.clock} clock, median of {args.iters} alternating "
-             f"steps after 2 warm-up; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+             f"{len(list(net.parameters()))} tensors; {device_label(device.type)}; {args.clock} clock, median of {args.iters} alternating "
+             f"steps after 2 warm-up; load average {load_average()}",
              "",
              "| update | ms | vs for-loop AdamW | max abs. difference to for-loop after all steps |",
              "|---|---:|---:|---:|"]

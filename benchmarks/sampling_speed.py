@@ -19,7 +19,6 @@ Text encoding and decoding are left out: they are the same code on both sides. T
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -32,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import add_speed_flags, append_markdown, apply_speed_flags  # noqa: E402  (benchmarks/_report.py)
+from _report import (add_speed_flags, append_markdown, apply_speed_flags, device_label,  # noqa: E402
+                     enabled_speed_flags, load_average)  # (benchmarks/_report.py)
 from unet_step import CONFIGS  # noqa: E402  (same topologies as the training-step benchmark)
 
 from ldm.convert.unet import diffusers_unet_config, unet_sd_to_diffusers  # noqa: E402
@@ -117,14 +117,10 @@ def main() -> None:
     apply_speed_flags(parser, args)
 
     names = [n for n in CONFIGS if n != "sd15-tiny"] if args.config == "all" else [args.config]
-    switches = (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.bf16))
-    flags = [name for name, on in switches if on]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    load = os.getloadavg()
     lines = [
-        f"device: {device}; flags: {', '.join(flags) or 'none'}; DPM-Solver++(2M), CFG scale {args.cfg_scale} "
+        f"device: {device_label(args.device)}; flags: {enabled_speed_flags(args)}; DPM-Solver++(2M), CFG scale {args.cfg_scale} "
         f"(U-Net batch 2 x images); {args.clock} clock, median of {args.repeats} alternating runs after one warm-up "
-        f"run each; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        f"run each; load average {load_average()}",
         "",
         "| config | images | latent | steps | rel. err | ours it/s | diffusers it/s | ours img/s | diffusers img/s "
         "| ratio |",

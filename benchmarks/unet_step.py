@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _report import add_speed_flags, append_markdown, apply_speed_flags  # noqa: E402  (benchmarks/_report.py)
+from _report import (add_speed_flags, append_markdown, apply_speed_flags, device_label,  # noqa: E402
+                     enabled_speed_flags, load_average)  # (benchmarks/_report.py)
 from ldm.convert.unet import diffusers_unet_config, unet_diffusers_to_sd  # noqa: E402
 from ldm.modules.unet import UNetModel  # noqa: E402
 
@@ -156,12 +157,9 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
 
     names = list(CONFIGS) if args.config == "all" else [args.config]
-    switches = (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.bf16))
-    flags = [name for name, on in switches if on]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    lines = [f"device: {device}; torch {torch.__version__}; flags: {', '.join(flags) or 'none'}; "
+    lines = [f"device: {device_label(args.device)}; torch {torch.__version__}; flags: {enabled_speed_flags(args)}; "
              f"{args.clock} clock, median of {args.iters} alternating forward+backward steps after {args.warmup} "
-             f"warm-up; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+             f"warm-up; load average {load_average()}",
              "",
              "| config | batch | latent | params | rel. err | ours ms | diffusers ms | ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -30,7 +30,7 @@ class SamplingConfig:
     seed: int = 0
     batch_size: int = 16
     use_ema: bool = True
-    eta: float = 1.0  # ancestral noise for ddim / euler_a (ddim: 0 = deterministic)
+    eta: float = 1.0  # noise of ddim / euler_a / dpmpp_2m_sde (0 = deterministic: ddim = euler, sde = dpmpp_2m)
     progress: bool = True
     sampler_options: dict = field(default_factory=dict)
 
@@ -124,7 +124,7 @@ def run_sampler(
     """The configured sampler from ``x`` (already at noise level ``sigmas[0]``) along ``sigmas`` (ending in 0)."""
     sampler = get_sampler(config.sampler)
     options = dict(config.sampler_options)
-    if config.sampler in ("ddim", "euler_a") and "eta" not in options:
+    if config.sampler in ("ddim", "euler_a", "dpmpp_2m_sde") and "eta" not in options:
         options["eta"] = config.eta
     return sampler(denoiser, x, sigmas, extra_args=extra_args, generator=generator, callback=callback,
                    progress=config.progress, **options)

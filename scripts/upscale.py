@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "upscaled"))
     parser.add_argument("--ground-truth", action="store_true",
                         help="the inputs are high-res originals: downsample them first and report PSNRs")
-    parser.add_argument("--sampler", default="ddpm", help="ddpm | ddim | euler | euler_a | heun | dpmpp_2m")
+    parser.add_argument("--sampler", default="ddpm", help="ddpm | ddim | euler | euler_a | heun | dpmpp_2m | dpmpp_2m_sde")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--spacing", default="karras", help="sigma spacing: karras | leading | trailing | linspace")
     parser.add_argument("--noise-level", type=int, default=0,

@@ -30,13 +30,15 @@ BUDGET = {
     "euler_a": (50, "karras"),
     "heun": (15, "karras"),
     "dpmpp_2m": (15, "karras"),
+    "dpmpp_2m_sde": (15, "karras"),
 }
 N_SAMPLES = 20_000
 # Mean: Monte Carlo std. error is STD / sqrt(N) <= 0.011, so 0.05 is > 4 std. errors.
 MEAN_TOL = 0.05
 # Variance: relative error = discretisation (all these samplers lose variance at coarse steps; measured 5-15% at
 # these budgets) + Monte Carlo sqrt(2 / N) = 1%.
-VAR_TOL = {"ddpm": 0.2, "euler_a": 0.2, "ddim": 0.12, "euler": 0.12, "heun": 0.1, "dpmpp_2m": 0.1}
+VAR_TOL = {"ddpm": 0.2, "euler_a": 0.2, "ddim": 0.12, "euler": 0.12, "heun": 0.1, "dpmpp_2m": 0.1,
+           "dpmpp_2m_sde": 0.2}
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +149,20 @@ def test_ddim_and_ancestral_samplers_coincide_in_ve_coordinates(sched):
     assert (run("ddim", eta=0.5) - ddpm).abs().max() > 1e-2  # eta really changes the sampler
 
 
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m(sched, parameterization):
+    """eta = 0 removes the SDE's noise and its extra decay: the step is DPM-Solver++(2M)'s, to rounding."""
+    denoiser = DiscreteDenoiser(exact_network(gaussian_denoiser, sched, parameterization), sched, parameterization)
+    sigmas = get_sigmas(sched, 12, "karras")
+    x, _ = gaussian_start(float(sigmas[0]), 500, torch.Generator().manual_seed(3))
+    ode = sample_dpmpp_2m(denoiser, x, sigmas, progress=False)
+    sde = get_sampler("dpmpp_2m_sde")(denoiser, x, sigmas, eta=0.0, progress=False,
+                                      generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(sde, ode, rtol=0, atol=1e-5)
+    noisy = get_sampler("dpmpp_2m_sde")(denoiser, x, sigmas, progress=False, generator=torch.Generator().manual_seed(4))
+    assert (noisy - ode).abs().max() > 1e-2  # eta = 1 really is another sampler
+
+
 # ---- determinism, inversion, diffusers parity ----------------------------------------------------------------------
 
 
@@ -160,7 +176,7 @@ def test_same_seed_is_bit_identical(sched, name):
         return get_sampler(name)(denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed), progress=False)
 
     assert torch.equal(run(7), run(7))
-    if name in ("ddpm", "euler_a"):
+    if name in ("ddpm", "euler_a", "dpmpp_2m_sde"):
         assert not torch.equal(run(7), run(8))
 
 
@@ -241,6 +257,28 @@ def test_dpmpp_2m_matches_diffusers_multistep_solver(sched):
     torch.testing.assert_close(ours, latents, rtol=0, atol=1e-4)  # measured 3e-6 (an inverted step ratio: 4e-2)
 
 
+def test_dpmpp_2m_sde_matches_diffusers_sde_solver_with_the_same_noise(sched):
+    """diffusers' ``sde-dpmsolver++`` (midpoint) draws one N(0, I) per step from the generator, as ours does; the
+    VP noise term sigma_t * noise is sigma_t^VE * noise in VE coordinates, so the same seed gives the same path."""
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="epsilon",
+        final_sigmas_type="zero", timestep_spacing="linspace",
+    )
+    scheduler.set_timesteps(12)
+    model = exact_network(gaussian_denoiser, sched, "eps")
+    noise = torch.randn(500, 3, generator=torch.Generator().manual_seed(13))
+    latents, g = noise * scheduler.init_noise_sigma, torch.Generator().manual_seed(14)
+    for t in scheduler.timesteps:
+        latents = scheduler.step(model(latents, torch.full((500,), int(t))), t, latents, generator=g).prev_sample
+
+    sigmas = scheduler.sigmas.float()
+    x = noise * (1 + sigmas[0] ** 2).sqrt()
+    ours = get_sampler("dpmpp_2m_sde")(DiscreteDenoiser(model, sched, "eps"), x, sigmas, progress=False,
+                                       generator=torch.Generator().manual_seed(14))
+    torch.testing.assert_close(ours, latents, rtol=0, atol=1e-4)
+
+
 # ---- sigma schedules, registry, NFE --------------------------------------------------------------------------------
 
 
@@ -283,7 +321,7 @@ def test_nfe_counts_denoiser_calls(sched, name):
 
 
 def test_registry_and_sigma_validation_errors(sched):
-    with pytest.raises(ValueError, match="valid names: ddim, ddpm, dpmpp_2m, euler, euler_a, heun"):
+    with pytest.raises(ValueError, match="valid names: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, euler, euler_a, heun"):
         get_sampler("plms")
     denoiser = DiscreteDenoiser(exact_network(gaussian_denoiser, sched, "eps"), sched, "eps")
     x = torch.randn(4, 3)

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # The three stages on embedded data, offline on CPU (`make quickstart` runs it for the shapes):
 #   embedded shards -> stage 0 CLIP || stage 1 autoencoder (in parallel, one core each)
-#   -> stage 2 text-to-image latent diffusion (both cores) -> pictures + evaluation table.
+#   -> latents and text features cached once (scripts/encode_latents.py)
+#   -> stage 2 text-to-image latent diffusion on the cache (both cores) -> pictures + evaluation table.
 #     bash scripts/pipeline.sh                 # shapes: experiments quickstart_{clip,autoencoder,ldm}
 #     SET=digits bash scripts/pipeline.sh      # digits: experiments digits_{clip,autoencoder,ldm}
 # Environment: PY (python of the venv), SET (shapes | digits), OUT (output root, default outputs/<set>),
 #              CFG (guidance scale of the evaluation, default 2), N (images per prompt, default 12),
+#              SAMPLER (of the evaluation, default dpmpp_2m_sde),
 #              FIGURES (optional: copy the pictures there, e.g. docs/images for the README).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 SET=${SET:-shapes}
 case "$SET" in
-    shapes) PREFIX=quickstart; DATA=shapes32 ;;
-    digits) PREFIX=digits; DATA=digits32 ;;
+    shapes) PREFIX=quickstart; DATA=shapes32; CONTEXT=32 ;;   # CONTEXT: text tokens per caption in stage 2
+    digits) PREFIX=digits; DATA=digits32; CONTEXT=77 ;;
     *) echo "SET=$SET: choose shapes or digits" >&2; exit 2 ;;
 esac
 OUT=${OUT:-outputs/$SET}
 CFG=${CFG:-2}
+SAMPLER=${SAMPLER:-dpmpp_2m_sde}   # SDE-DPM-Solver++(2M); dpmpp_2m is its deterministic (ODE) form
 N=${N:-12}
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 mkdir -p "$OUT"
@@ -42,9 +45,19 @@ CLIP_CKPT="$OUT/clip/checkpoints/last.ckpt"
 AE_CKPT="$OUT/autoencoder/checkpoints/last.ckpt"
 stamp "stages 0 and 1 done: $CLIP_CKPT, $AE_CKPT"
 
-stamp "stage 2: latent diffusion conditioned on the stage-0 text tower"
-$PY train.py experiment=${PREFIX}_ldm $(run_args ldm) \
-    model.first_stage_config.ckpt_path="$AE_CKPT" model.cond_stage_config.pretrained="$CLIP_CKPT"
+# Stage 2 sees every image several times: encoding the images and captions once (latent posterior moments and
+# the frozen text tower's output) is cheaper than running both encoders at every step.
+stamp "caching the autoencoder latents and the text tower's features of every caption"
+TEXT_ENCODER="{arch: ldm-tiny-clip, pretrained: '$CLIP_CKPT', layer: last, context_length: $CONTEXT}"
+$PY scripts/encode_latents.py ckpt="$AE_CKPT" data=$DATA text_encoder="$TEXT_ENCODER" out="$OUT/latents" \
+    progress=false force=true
+shards() { local n; n=$(ls "$OUT/latents/$1"-*.tar | wc -l); printf "%s/%s-{000000..%06d}.tar" "$OUT/latents" "$1" $((n - 1)); }
+
+stamp "stage 2: latent diffusion conditioned on the stage-0 text tower, on the cached latents and text"
+$PY train.py experiment=${PREFIX}_ldm $(run_args ldm) data=${DATA}_latents \
+    data.train_shards="'$(shards train)'" data.val_shards="'$(shards val)'" \
+    model.first_stage_config.ckpt_path="$AE_CKPT" model.cond_stage_config.pretrained="$CLIP_CKPT" \
+    model.cond_stage_config.context_length=$CONTEXT
 LDM_CKPT="$OUT/ldm/checkpoints/last.ckpt"
 
 stamp "pictures: autoencoder reconstructions and training curves"
@@ -53,8 +66,8 @@ $PY scripts/plot_reconstructions.py --ckpt "$AE_CKPT" --shards "data/$DATA/val-0
 $PY scripts/plot_training.py --run "$OUT/clip" --run "$OUT/autoencoder" --run "$OUT/ldm" \
     --out "$OUT/training_curves.png"
 
-stamp "evaluation: $N images per $SET prompt, DPM-Solver++(2M) 20 steps, guidance $CFG"
-$PY scripts/evaluate.py ckpt="$LDM_CKPT" prompt_set=$SET n_per_prompt=$N sampler=dpmpp_2m steps=20 \
+stamp "evaluation: $N images per $SET prompt, $SAMPLER 20 steps, guidance $CFG"
+$PY scripts/evaluate.py ckpt="$LDM_CKPT" prompt_set=$SET n_per_prompt=$N sampler=$SAMPLER steps=20 \
     cfg_scale=$CFG clip_ckpt="$CLIP_CKPT" real_shards="data/$DATA/val-000000.tar" out="$OUT/eval"
 
 if [ -n "${FIGURES:-}" ]; then

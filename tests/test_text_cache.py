@@ -45,10 +45,15 @@ def cache(tiny_data_root, tmp_path_factory) -> dict:
             "train": summaries["train"]["pattern"], "val": summaries["val"]["pattern"]}
 
 
+# text_encoder=<a stage-0 CLIP checkpoint> caches 77 tokens; quickstart_ldm reads 32 (scripts/pipeline.sh encodes
+# with its settings): the models here read what the cache holds
+CACHE_CONTEXT = "model.cond_stage_config.context_length=77"
+
+
 def ldm(cache: dict, *overrides: str):
     """The quickstart LatentDiffusion with the cache's autoencoder and text encoder."""
     cfg = compose_ldm(cache, Path("unused"), cache["ckpt"], f"model.cond_stage_config.pretrained={cache['clip']}",
-                      *overrides)
+                      CACHE_CONTEXT, *overrides)
     return hydra.utils.instantiate(cfg.model, _convert_="all")
 
 
@@ -74,11 +79,14 @@ def test_cached_text_equals_the_online_encoding(cache):
 
 
 def test_cached_text_gives_the_online_loss_with_caption_dropout(cache):
-    model = ldm(cache)
     torch.manual_seed(0)
+    model = ldm(cache)
     for weight in model.unet.parameters():  # zero-initialised output layers would make the loss ignore the text
         if not weight.any():
             torch.nn.init.normal_(weight, std=0.2)
+    for name, weight in model.unet.named_parameters():  # and a strong text path, so the check below has teeth
+        if ".attn2.to_v." in name or ".attn2.to_out.0.weight" in name:
+            torch.nn.init.normal_(weight, std=1.0)
     batch = read_all(LatentDataModule(None, cache["val"], batch_size=BATCH))[0]
     online_batch = {k: v for k, v in batch.items() if not k.startswith("text_")}
     contexts, text_calls = [], []
@@ -107,13 +115,13 @@ def test_cached_text_gives_the_online_loss_with_caption_dropout(cache):
         torch.testing.assert_close(cached[kept], batch["text_context"][kept].float())
         assert 0 < sum(dropped) < BATCH if p == 0.5 else all(dropped)
     torch.testing.assert_close(cached_loss, online_loss, rtol=1e-5, atol=0)  # p=1: both use the same null prompt
-    assert abs(losses[0] / losses[1] - 1) > 1e-3  # the text changes the loss: the comparison above has teeth
+    assert abs(losses[0] / losses[1] - 1) > 1e-2  # the text changes the loss (measured 0.22): the comparison has teeth
 
 
 def test_a_cache_of_another_text_encoder_is_refused_naming_both(cache, tmp_path):
     other = clip_checkpoint(tmp_path / "other_clip.ckpt", seed=1)
     with pytest.raises(TextSourceMismatch) as info:
-        train(compose_ldm(cache, tmp_path, cache["ckpt"], f"model.cond_stage_config.pretrained={other}"))
+        train(compose_ldm(cache, tmp_path, cache["ckpt"], f"model.cond_stage_config.pretrained={other}", CACHE_CONTEXT))
     message = str(info.value)
     assert cache["clip"] in message and other in message and "encode_latents.py" in message
     assert cache["summaries"]["train"]["text_source"]["weights_sha256"][:16] in message
@@ -188,7 +196,8 @@ def test_bad_text_tensors_are_skipped_and_counted(cache, tmp_path):
 
 
 def test_train_py_fits_stage_2_from_a_text_and_latent_cache(cache, tmp_path):
-    cfg = compose_ldm(cache, tmp_path, cache["ckpt"], f"model.cond_stage_config.pretrained={cache['clip']}")
+    cfg = compose_ldm(cache, tmp_path, cache["ckpt"], f"model.cond_stage_config.pretrained={cache['clip']}",
+                      CACHE_CONTEXT)
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 3 and (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])

@@ -6,6 +6,7 @@ prompt -> text encoder -> context; noise -> sampler(denoiser(U-Net), CFG) -> lat
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -124,7 +125,7 @@ def run_sampler(
     """The configured sampler from ``x`` (already at noise level ``sigmas[0]``) along ``sigmas`` (ending in 0)."""
     sampler = get_sampler(config.sampler)
     options = dict(config.sampler_options)
-    if config.sampler in ("ddim", "euler_a", "dpmpp_2m_sde") and "eta" not in options:
+    if "eta" in inspect.signature(sampler).parameters and "eta" not in options:  # ddim, euler_a, dpmpp_2m_sde
         options["eta"] = config.eta
     return sampler(denoiser, x, sigmas, extra_args=extra_args, generator=generator, callback=callback,
                    progress=config.progress, **options)

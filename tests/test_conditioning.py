@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.convert.text_encoder import extract_open_clip_text_state, hf_text_to_open_clip, open_clip_text_to_hf
-from ldm.modules.clip_configs import TINY_CLIP_CONFIGS, create_clip_model
+from ldm.modules.clip_configs import TINY_CLIP_CONFIGS, create_clip_model, register_clip_configs
 from ldm.modules.conditioning import OpenCLIPTextEncoder
 
 ARCH = "ldm-tiny-clip"
@@ -208,10 +208,20 @@ def test_gelu_arch_warns_on_transformers_weights(tmp_path):
 @pytest.mark.parametrize("name", list(TINY_CLIP_CONFIGS))
 def test_tiny_architectures_are_registered_with_open_clip(name):
     cfg = TINY_CLIP_CONFIGS[name]
+    register_clip_configs()
     assert name in open_clip.list_models()
-    model = create_clip_model(name)
+    model = create_clip_model(name).eval()  # eval: the ResNet tower's batch norm cannot train on one image
     size = cfg["vision_cfg"]["image_size"]
     with torch.no_grad():
         image = model.encode_image(torch.zeros(1, 3, size, size))
         text = model.encode_text(open_clip.get_tokenizer(name)(["a red circle"]))
     assert image.shape == text.shape == (1, cfg["embed_dim"])
+
+
+def test_text_towers_are_compared_by_configuration_not_name():
+    from ldm.modules.clip_configs import same_text_tower
+
+    assert same_text_tower("ldm-tiny-clip", "ldm-tiny-clip-rn")  # other image tower, same text tower
+    assert same_text_tower("ldm-tiny-clip", "ldm-tiny-clip-64")
+    assert not same_text_tower("ldm-tiny-clip", "ldm-small-clip")  # width 256 x 6
+    assert not same_text_tower("ldm-tiny-clip", "no-such-arch")

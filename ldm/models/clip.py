@@ -70,7 +70,8 @@ class CLIPModule(L.LightningModule):
         preprocess = open_clip.get_model_preprocess_cfg(self.model)
         self.register_buffer("pixel_mean", torch.tensor(preprocess["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(preprocess["std"]).view(1, 3, 1, 1), persistent=False)
-        self.image_size = tuple(self.model.visual.image_size)
+        size = self.model.visual.image_size  # an int (ModifiedResNet) or a pair (ViT)
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         self.loss_fn = open_clip.ClipLoss()
         self.zero_shot = None
         if zero_shot is not None:

@@ -8,8 +8,14 @@ context of SD, so a text tower trained here conditions the U-Net exactly like SD
 | name              | image | patch | vision width x layers | text width x layers (heads) | embed |
 |-------------------|-------|-------|-----------------------|-----------------------------|-------|
 | ldm-tiny-clip     | 32    | 4     | 128 x 4               | 128 x 4 (4)                 | 128   |
+| ldm-tiny-clip-rn  | 32    | -     | ResNet 1-1-1-1, w 16  | 128 x 4 (4)                 | 128   |
 | ldm-tiny-clip-64  | 64    | 8     | 128 x 4               | 128 x 4 (4)                 | 128   |
 | ldm-small-clip    | 64    | 8     | 256 x 6               | 256 x 6 (4)                 | 256   |
+
+``ldm-tiny-clip-rn`` pairs the ``ldm-tiny-clip`` text tower with open_clip's ``ModifiedResNet`` image tower (CLIP's
+RN50 design: bottleneck blocks, attention pooling) at one block per stage and base width 16. On 32 px shapes it
+learns shapes far sooner than the patch-4 ViT (zero-shot 0.98 against 0.61 after 600 steps, in half the time:
+BENCHMARKS.md), and its text tower is the same, so either checkpoint conditions a U-Net built with either name.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ TINY_CLIP_CONFIGS: dict[str, dict] = {
     "ldm-tiny-clip-64": _config(image_size=64, patch=8, width=128, layers=4, heads=4, embed_dim=128),
     "ldm-small-clip": _config(image_size=64, patch=8, width=256, layers=6, heads=4, embed_dim=256),
 }
+TINY_CLIP_CONFIGS["ldm-tiny-clip-rn"] = {  # ModifiedResNet image tower (layers as a list), ldm-tiny-clip's text tower
+    **TINY_CLIP_CONFIGS["ldm-tiny-clip"],
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 64},
+}
 
 _registry_dir: Path | None = None
 
@@ -58,6 +68,18 @@ def register_clip_configs() -> None:
     for name, cfg in TINY_CLIP_CONFIGS.items():
         (_registry_dir / f"{name}.json").write_text(json.dumps(cfg, indent=2))
     open_clip.add_model_config(_registry_dir)
+
+
+def same_text_tower(arch_a: str, arch_b: str) -> bool:
+    """Whether two open_clip architectures build identical text towers (text config and embedding size), so
+    text-tower weights trained under one name load into the other. False if either name is unknown."""
+    register_clip_configs()
+    configs = [open_clip.get_model_config(arch) for arch in (arch_a, arch_b)]
+    if any(cfg is None for cfg in configs):
+        return False
+    a, b = ({"embed_dim": cfg.get("embed_dim"), "text_cfg": cfg.get("text_cfg"), "quick_gelu": cfg.get("quick_gelu", False)}
+            for cfg in configs)
+    return a == b
 
 
 # A tiny stand-in for the image tower of a text-only model: open_clip's CLIP class always builds

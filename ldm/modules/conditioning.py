@@ -28,7 +28,7 @@ from torch import nn
 
 from ldm.checkpoints import load_checkpoint
 from ldm.convert.text_encoder import extract_open_clip_text_state
-from ldm.modules.clip_configs import create_clip_model, register_clip_configs
+from ldm.modules.clip_configs import create_clip_model, register_clip_configs, same_text_tower
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,9 @@ class OpenCLIPTextEncoder(nn.Module):
         ckpt = load_checkpoint(path)
         hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
         trained_arch = hparams.get("arch")
-        if trained_arch is not None and trained_arch != self.arch:
-            raise ValueError(f"{path} was trained with arch={trained_arch!r}; build the encoder with arch={trained_arch!r}.")
+        if trained_arch is not None and trained_arch != self.arch and not same_text_tower(trained_arch, self.arch):
+            raise ValueError(f"{path} was trained with arch={trained_arch!r}, whose text tower differs from "
+                             f"{self.arch!r}'s; build the encoder with arch={trained_arch!r}.")
         state, layout = extract_open_clip_text_state(ckpt.get("state_dict", ckpt))
         if layout.startswith("transformers") and not self._uses_quick_gelu():
             warnings.warn(f"{path} is in the transformers CLIP layout, usually OpenAI weights trained with QuickGELU, "

@@ -6,19 +6,19 @@
 #     bash scripts/pipeline.sh                 # shapes: experiments quickstart_{clip,autoencoder,ldm}
 #     SET=digits bash scripts/pipeline.sh      # digits: experiments digits_{clip,autoencoder,ldm}
 # Environment: PY (python of the venv), SET (shapes | digits), OUT (output root, default outputs/<set>),
-#              CFG (guidance scale of the evaluation, default 2), N (images per prompt, default 12),
+#              CFG (guidance scale of the evaluation, default 1.5 for shapes, 2 for digits), N (images per prompt, default 12),
 #              SAMPLER (of the evaluation, default dpmpp_2m_sde),
 #              FIGURES (optional: copy the pictures there, e.g. docs/images for the README).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 SET=${SET:-shapes}
 case "$SET" in
-    shapes) PREFIX=quickstart; DATA=shapes32; CONTEXT=32 ;;   # CONTEXT: text tokens per caption in stage 2
-    digits) PREFIX=digits; DATA=digits32; CONTEXT=77 ;;
+    shapes) PREFIX=quickstart; DATA=shapes32; CONTEXT=32; GUIDANCE=1.5 ;;   # CONTEXT: text tokens per caption in stage 2
+    digits) PREFIX=digits; DATA=digits32; CONTEXT=77; GUIDANCE=2 ;;         # GUIDANCE: measured best (BENCHMARKS.md)
     *) echo "SET=$SET: choose shapes or digits" >&2; exit 2 ;;
 esac
 OUT=${OUT:-outputs/$SET}
-CFG=${CFG:-2}
+CFG=${CFG:-$GUIDANCE}
 SAMPLER=${SAMPLER:-dpmpp_2m_sde}   # SDE-DPM-Solver++(2M); dpmpp_2m is its deterministic (ODE) form
 N=${N:-12}
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}

@@ -130,6 +130,10 @@ def test_a_cache_of_another_text_encoder_is_refused_naming_both(cache, tmp_path)
     identity = cache["summaries"]["train"]["text_source"]  # same weights, another layer: another encoder
     with pytest.raises(TextSourceMismatch, match="layer=penultimate"):
         check_text_sources([identity], {**identity, "layer": "penultimate"})
+    # the same text tower under another architecture name (another image tower) is the same encoder
+    check_text_sources([identity], {**identity, "arch": "ldm-tiny-clip-rn"})
+    with pytest.raises(TextSourceMismatch, match="ldm-small-clip"):
+        check_text_sources([identity], {**identity, "arch": "ldm-small-clip"})
 
 
 def test_a_trainable_text_encoder_is_refused(cache, tmp_path):

@@ -16,10 +16,12 @@ from typing import Any, Optional
 
 import torch
 
+from ldm.modules.clip_configs import same_text_tower
 from ldm.modules.conditioning import OpenCLIPTextEncoder
 
 UNUSED_WEIGHTS = ("logit_scale", "logit_bias")  # contrastive-loss parameters, not part of the text embedding
-ENCODING_FIELDS = ("arch", "layer", "context_length", "pad_with_eot", "quick_gelu", "weights_sha256")
+# Besides these, the architectures must build the same text tower (compared by configuration, not name).
+ENCODING_FIELDS = ("layer", "context_length", "pad_with_eot", "quick_gelu", "weights_sha256")
 
 
 class TextSourceMismatch(ValueError):
@@ -76,8 +78,10 @@ def text_encoder_override(identity: Mapping[str, Any]) -> str:
 def check_text_sources(sources: Iterable[Mapping[str, Any]], model_identity: Mapping[str, Any]) -> None:
     """Raise :class:`TextSourceMismatch` unless every cached sample was encoded by the model's text encoder."""
     expected = tuple(model_identity.get(k) for k in ENCODING_FIELDS)
+    arch = model_identity.get("arch")
     for source in sources:
-        if tuple(source.get(k) for k in ENCODING_FIELDS) != expected:
+        same_tower = source.get("arch") == arch or same_text_tower(source.get("arch"), arch)
+        if not same_tower or tuple(source.get(k) for k in ENCODING_FIELDS) != expected:
             raise TextSourceMismatch(
                 f"The cached text embeddings were made by a different text encoder than this model's: cache: "
                 f"{describe_text(source)}; model: {describe_text(model_identity)}. Re-encode the shards with this "

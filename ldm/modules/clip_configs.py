@@ -21,6 +21,7 @@ BENCHMARKS.md), and its text tower is the same, so either checkpoint conditions 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import shutil
@@ -70,6 +71,7 @@ def register_clip_configs() -> None:
     open_clip.add_model_config(_registry_dir)
 
 
+@functools.lru_cache(maxsize=None)  # configs do not change once registered; the text cache asks once per batch
 def same_text_tower(arch_a: str, arch_b: str) -> bool:
     """Whether two open_clip architectures build identical text towers (text config and embedding size), so
     text-tower weights trained under one name load into the other. False if either name is unknown."""

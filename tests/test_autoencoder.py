@@ -197,6 +197,29 @@ def test_overfits_one_batch():
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 / 5, (losses[:10], losses[-10:])
 
 
+def test_decoder_noise_perturbs_each_channel_by_its_own_spread_in_training_only():
+    model = _model(decoder_noise=0.1)
+    z = torch.randn(64, 4, 8, 8) * torch.tensor([1.0, 10.0, 0.1, 3.0]).view(1, 4, 1, 1)  # [B, C, h, w]
+    torch.manual_seed(0)
+    delta = model._noised_for_decoder(z) - z
+    ratio = delta.std(dim=(0, 2, 3)) / z.std(dim=(0, 2, 3))  # [C]: noise std over channel std
+    assert torch.allclose(ratio, torch.full((4,), 0.1), rtol=0.05), ratio
+    assert torch.equal(_model()._noised_for_decoder(z), z)  # off by default, as SD
+    with pytest.raises(ValueError, match="decoder_noise"):
+        _model(decoder_noise=-0.1)
+
+
+def test_decoder_noise_is_used_by_the_training_step_and_not_by_validation(tmp_path):
+    seen = []
+    model = _model(decoder_noise=0.5)
+    original = model._noised_for_decoder
+    model._noised_for_decoder = lambda z: seen.append(z.shape) or original(z)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2)
+    trainer.fit(model, _loader(), _loader(4))
+    assert torch.isfinite(model.latent_std).all()  # validation ran (it measures the latent statistics) ...
+    assert len(seen) == 2  # ... and only the two training steps noised the latents: validation decodes the mode
+
+
 class _RecordDiscriminator(L.Callback):
     """Record, per training batch, global_step and the discriminator's optimizer step count."""
 

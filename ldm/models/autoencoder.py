@@ -45,6 +45,9 @@ class AutoencoderKL(L.LightningModule):
         monitor: metric the checkpoint callback should follow (informational).
         ckpt_path: initial weights (SD / latent-diffusion single file, diffusers VAE or own checkpoint).
         num_log_images: images in the validation reconstruction grid.
+        decoder_noise: during training, Gaussian noise of this many per-channel latent standard deviations is
+            added to the posterior sample before decoding, so the decoder learns to map slightly-off latents
+            (what a diffusion model generates) to clean images (0: off, as SD; validation decodes the mode).
 
     ``trainer.global_step`` (and so ``max_steps``) counts generator steps: the discriminator steps
     through the strategy directly, without advancing Lightning's step counter.
@@ -63,6 +66,7 @@ class AutoencoderKL(L.LightningModule):
         monitor: str = "val/psnr",
         ckpt_path: str | None = None,
         num_log_images: int = 8,
+        decoder_noise: float = 0.0,
     ):
         super().__init__()
         # Plain containers keep the checkpoint loadable with torch.load(weights_only=True).
@@ -79,6 +83,9 @@ class AutoencoderKL(L.LightningModule):
         self.image_key = image_key
         self.monitor = monitor
         self.num_log_images = num_log_images
+        if decoder_noise < 0:
+            raise ValueError(f"decoder_noise must be >= 0 (latent standard deviations), got {decoder_noise}.")
+        self.decoder_noise = decoder_noise
 
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
@@ -143,7 +150,8 @@ class AutoencoderKL(L.LightningModule):
         use_gan = self.loss.gan_active(self.global_step)
 
         with self.toggled_optimizer(g_opt):
-            x_rec, posterior = self(x)
+            posterior = self.encode(x)
+            x_rec = self.decode(self._noised_for_decoder(posterior.sample()))
             loss, logs = self.loss.generator_loss(
                 x, x_rec, posterior, last_layer=self.decoder.conv_out.weight, use_gan=use_gan
             )
@@ -170,6 +178,13 @@ class AutoencoderKL(L.LightningModule):
         self.log("train/rec_loss", logs.pop("rec_loss"), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
         self.log("train/lr", g_opt.param_groups[0]["lr"], batch_size=batch_size)
+
+    def _noised_for_decoder(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, C, h, w] plus N(0, (decoder_noise * std_c)^2) per channel c (batch std, no gradient through it)."""
+        if self.decoder_noise == 0:
+            return z
+        channel_std = z.detach().std(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
+        return z + self.decoder_noise * channel_std * torch.randn_like(z)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip (after AMP unscaling) and log the global gradient norm of the optimizer about to step."""

@@ -16,10 +16,15 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
-import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from ldm.utils.cpu_threads import widen_on_signal
+
+if __name__ == "__main__":  # first, before the slow imports: `kill -USR2` widens a CPU run's torch threads
+    widen_on_signal()
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The three stages on embedded data, offline on CPU (`make quickstart` runs it for the shapes):
-#   embedded shards -> stage 0 CLIP || stage 1 autoencoder (in parallel, one core each)
+#   embedded shards -> stage 0 CLIP || stage 1 autoencoder (in parallel, one core each; stage 1 takes both cores
+#                                                          once stage 0 is done)
 #   -> latents and text features cached once (scripts/encode_latents.py)
 #   -> stage 2 text-to-image latent diffusion on the cache (both cores) -> pictures + evaluation table.
 #     bash scripts/pipeline.sh                 # shapes: experiments quickstart_{clip,autoencoder,ldm}
@@ -39,6 +40,10 @@ OMP_NUM_THREADS=1 $PY train.py experiment=${PREFIX}_autoencoder $(run_args autoe
 ae_pid=$!
 status=0
 wait $clip_pid || { echo "CLIP stage failed; see $OUT/clip.log"; tail -20 "$OUT/clip.log"; status=1; }
+# Stage 0 is the shorter: its core goes to stage 1, which widens its torch threads on SIGUSR2 (ldm/utils/cpu_threads.py).
+if jobs -rp | grep -qx "$ae_pid" && kill -USR2 "$ae_pid" 2>/dev/null; then
+    stamp "stage 0 done; stage 1 continues on both cores"
+fi
 wait $ae_pid || { echo "autoencoder stage failed; see $OUT/autoencoder.log"; tail -20 "$OUT/autoencoder.log"; status=1; }
 [ $status -eq 0 ] || exit 1
 CLIP_CKPT="$OUT/clip/checkpoints/last.ckpt"

@@ -36,7 +36,7 @@ quickstart: install
 	SET=shapes OUT=$(QUICKSTART_DIR) PY=$(PY) bash scripts/pipeline.sh
 
 test: install-dev
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf logs outputs multirun wandb .pytest_cache

@@ -38,20 +38,25 @@ from loop_overhead import build_model, compose_config, fit_seconds_per_step  # n
 from _report import append_markdown, load_average  # noqa: E402
 from encode_latents import encode_split  # noqa: E402  (scripts/encode_latents.py)
 from ldm.models.text_cache import text_encoder_identity  # noqa: E402
+from ldm.data.shards import brace_pattern  # noqa: E402
 from ldm.data.webdataset import missing_local_shards  # noqa: E402
 
 
-def write_cache(model, image_cfg, shards: int, out: Path) -> str:
-    """Encode the first ``shards`` train shards of ``image_cfg.data`` with the model's own encoders; the pattern."""
-    datamodule = hydra.utils.instantiate(image_cfg.data, _convert_="all")
-    datamodule.prepare_data()  # builds the embedded shards on first use
+def image_shards(image_cfg, shards: int) -> list[str]:
+    """The first ``shards`` train shards of ``image_cfg.data``, built first if this is a fresh clone."""
+    hydra.utils.instantiate(image_cfg.data, _convert_="all").prepare_data()  # builds the embedded shards on first use
     urls, missing = missing_local_shards(image_cfg.data.train_shards)
     if missing:
         raise FileNotFoundError(f"image shards missing: {missing[:3]}")
+    return urls[:shards]
+
+
+def write_cache(model, urls: list[str], image_size: int, out: Path) -> str:
+    """Encode the image shards ``urls`` with the model's own encoders into ``out``; the latent shards' pattern."""
     encode_cfg = OmegaConf.create({"batch_size": 256, "out": str(out), "force": True, "precision": "fp32",
-                                   "progress": False, "data": {"image_size": int(image_cfg.data.image_size)}})
+                                   "progress": False, "data": {"image_size": image_size}})
     text = (model.cond_stage_model.eval(), text_encoder_identity(model.cond_stage_model))
-    summary = encode_split("train", urls[:shards], model.first_stage_model.eval(), encode_cfg,
+    summary = encode_split("train", urls, model.first_stage_model.eval(), encode_cfg,
                            model.first_stage_identity(), torch.device("cpu"), text)
     return summary["pattern"]
 
@@ -76,10 +81,10 @@ def main() -> None:
                 "++callbacks.sample_grid.at_train_end=false"]
         image_cfg = compose_config(base, Path(tmp) / "online")
         model = build_model(image_cfg, args.autoencoder_experiment)
-        urls, _ = missing_local_shards(image_cfg.data.train_shards)
-        pattern = write_cache(model, image_cfg, args.shards, Path(tmp) / "latents")
-        first = Path(urls[0]).name.rsplit("-", 1)[0]
-        image_pattern = f"{Path(urls[0]).parent}/{first}-{{000000..{args.shards - 1:06d}}}.tar"
+        urls = image_shards(image_cfg, args.shards)
+        pattern = write_cache(model, urls, int(image_cfg.data.image_size), Path(tmp) / "latents")
+        prefix = Path(urls[0]).name.rsplit("-", 1)[0]  # "train" of train-000000.tar
+        image_pattern = brace_pattern(Path(urls[0]).parent, prefix, len(urls))
         image_cfg = compose_config(base + [f"data.train_shards='{image_pattern}'", "data.val_shards=null"],
                                    Path(tmp) / "online")
         cached_cfg = compose_config(base + [f"data={args.latents_data}", f"data.train_shards='{pattern}'",

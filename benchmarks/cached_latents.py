@@ -180,7 +180,7 @@ def bench_loaders(args, device: torch.device) -> list[dict]:
 
 
 def _rate(samples_per_s: float) -> str:
-    """Three significant figures at most: 128, 95.1, 0.0803."""
+    """Whole samples/s from 100, one decimal from 1, three significant figures below 1: 128, 95.1, 0.0803."""
     if samples_per_s >= 100:
         return f"{samples_per_s:.0f}"
     return f"{samples_per_s:.1f}" if samples_per_s >= 1 else f"{samples_per_s:.3g}"

@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from loop_overhead import build_model, compose_config, fit_seconds_per_step  # noqa: E402  (benchmarks/)
+from loop_overhead import (build_model, compose_config, fit_seconds_per_step,  # noqa: E402  (benchmarks/)
+                           throughput_overrides)
 from _report import append_markdown, load_average  # noqa: E402
 from encode_latents import encode_split  # noqa: E402  (scripts/encode_latents.py)
 from ldm.models.text_cache import text_encoder_identity  # noqa: E402
@@ -77,8 +78,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = [f"experiment={args.experiment}", "extras.print_config=false", "trainer.limit_val_batches=0",
-                "++callbacks.sample_grid.at_train_end=false"]
+        base = throughput_overrides(args.experiment)
         image_cfg = compose_config(base, Path(tmp) / "online")
         model = build_model(image_cfg, args.autoencoder_experiment)
         urls = image_shards(image_cfg, args.shards)

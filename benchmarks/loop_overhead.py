@@ -59,6 +59,13 @@ from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers  # 
 DRIVERS = ("bare step", "fit, batches in memory", "fit, shard loader")
 
 
+def throughput_overrides(experiment: str) -> list[str]:
+    """``train.py`` overrides of a fit timed for training throughput: the experiment, quiet, no validation (not
+    training throughput; TrainingStats agrees) and no sample grid at the end of training."""
+    return [f"experiment={experiment}", "extras.print_config=false", "trainer.limit_val_batches=0",
+            "++callbacks.sample_grid.at_train_end=false"]
+
+
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """``configs/train.yaml`` with ``overrides``, outputs under ``output_dir`` (as a Hydra run would set them)."""
     GlobalHydra.instance().clear()
@@ -193,9 +200,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"experiment={args.experiment}", "extras.print_config=false",
-                     "trainer.limit_val_batches=0",  # validation is not training throughput (TrainingStats agrees)
-                     "++callbacks.sample_grid.at_train_end=false", *args.overrides]
+        overrides = [*throughput_overrides(args.experiment), *args.overrides]
         if args.batch_size:
             overrides.append(f"data.batch_size={args.batch_size}")
         cfg = compose_config(overrides, Path(tmp))

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: ldm without an install
 
 from _report import append_markdown, device_label, load_average  # noqa: E402  (benchmarks/_report.py)
 from unet_step import CONFIGS  # noqa: E402

@@ -11,7 +11,7 @@ TFLOP/s, MFU (CUDA) and the activation memory.
 
     python benchmarks/sd15_memory.py                                   # CPU: batch 1, fp32, with diffusers
     python benchmarks/sd15_memory.py --device cuda                     # batch 32, bf16 autocast, SDPA
-    python benchmarks/sd15_memory.py --device cuda --compile --channels-last
+    python benchmarks/sd15_memory.py --device cuda --compile --channels-last --no-checkpointing --no-diffusers
     python benchmarks/sd15_memory.py --batch 2 --width 32 --dtype bf16 --no-diffusers   # the CUDA path, small
     python benchmarks/sd15_memory.py --append BENCHMARKS.md
 
@@ -120,8 +120,8 @@ def unet_params(width: int) -> dict:
 
 
 def build_variants(params: dict, device: torch.device, args) -> list[Variant]:
-    """Our U-Net without / with checkpointing and, with ``args.diffusers``, diffusers' at the same topology
-    without / with it; all share one set of Parameters."""
+    """Our U-Net without / with checkpointing (only without when ``args.checkpointing`` is off) and, with
+    ``args.diffusers``, diffusers' at the same topology likewise; all share one set of Parameters."""
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     theirs = None
     if args.diffusers:
@@ -129,17 +129,19 @@ def build_variants(params: dict, device: torch.device, args) -> list[Variant]:
     else:
         with torch.device(device):
             plain = UNetModel(**params).to(memory_format=fmt)
-    ckpt = shared_weights_copy(plain, dict(params, use_checkpoint=True))
     compile_ = torch.compile if args.compile else (lambda m: m)
-    variants = [Variant("ours", False, plain, plain, compile_(plain)),
-                Variant("ours", True, ckpt, ckpt, compile_(ckpt))]
+    variants = [Variant("ours", False, plain, plain, compile_(plain))]
+    if args.checkpointing:
+        ckpt = shared_weights_copy(plain, dict(params, use_checkpoint=True))
+        variants.append(Variant("ours", True, ckpt, ckpt, compile_(ckpt)))
     if theirs is None:
         return variants
     run_theirs = compile_(theirs)
     eager = lambda x, t, ctx: theirs(x, t, encoder_hidden_states=ctx).sample  # noqa: E731
     call = lambda x, t, ctx: run_theirs(x, t, encoder_hidden_states=ctx).sample  # noqa: E731
-    variants += [Variant("diffusers", False, theirs, eager, call, theirs.disable_gradient_checkpointing),
-                 Variant("diffusers", True, theirs, eager, call, theirs.enable_gradient_checkpointing)]
+    variants.append(Variant("diffusers", False, theirs, eager, call, theirs.disable_gradient_checkpointing))
+    if args.checkpointing:
+        variants.append(Variant("diffusers", True, theirs, eager, call, theirs.enable_gradient_checkpointing))
     return variants
 
 
@@ -253,6 +255,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="only our U-Net")
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                        help="time the U-Nets without gradient checkpointing only (half the compilations)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator (H100 SXM dense bf16)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
     parser.add_argument("--append", type=Path, default=None, metavar="PATH",
@@ -284,7 +288,8 @@ def main() -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     rel_err = None
     if args.diffusers:
-        rel_err = check_outputs(variants[0].module, variants[2].module, *inputs[:3])
+        theirs = next(v.module for v in variants if v.impl == "diffusers")
+        rel_err = check_outputs(variants[0].module, theirs, *inputs[:3])
         if rel_err > 1e-4:
             raise RuntimeError(f"ours and diffusers disagree (relative error {rel_err:.2e}): the comparison is void.")
 

@@ -22,11 +22,12 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: ldm without an install
 
 from _report import (add_speed_flags, append_markdown, apply_speed_flags, device_label,  # noqa: E402
                      enabled_speed_flags, load_average)  # (benchmarks/_report.py)
@@ -83,9 +84,22 @@ def shared_weights_copy(source: torch.nn.Module, params: dict, rename=lambda sd,
     return ours
 
 
+@contextmanager
+def full_fp32():
+    """TF32 off inside (CUDA matmuls and cuDNN convolutions round their inputs to 10 mantissa bits with it, a
+    relative error near 1e-3 that would hide a real mismatch); the previous settings are restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def check_outputs(ours, theirs, x, t, ctx) -> float:
+    """Relative L2 difference of the two networks' outputs on one batch, in full fp32."""
     ours.eval(), theirs.eval()
-    with torch.no_grad():
+    with torch.no_grad(), full_fp32():
         a = ours(x, t, ctx).float()
         b = theirs(x, t, encoder_hidden_states=ctx).sample.float()
     ours.train(), theirs.train()

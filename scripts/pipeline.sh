@@ -9,7 +9,9 @@
 # Environment: PY (python of the venv), SET (shapes | digits), OUT (output root, default outputs/<set>),
 #              CFG (guidance scale of the evaluation, default 1.5 for shapes, 2 for digits), N (images per prompt, default 12),
 #              SAMPLER (of the evaluation, default dpmpp_2m_sde),
-#              FIGURES (optional: copy the pictures there, e.g. docs/images for the README).
+#              FIGURES (optional: copy the pictures there, e.g. docs/images for the README),
+#              SEED (optional: the seed of all three stages, default the configs' 42; repeat the recipe with others
+#              to see its run-to-run spread).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 SET=${SET:-shapes}
@@ -28,7 +30,7 @@ OUT=$(cd "$OUT" && pwd)
 start=$(date +%s)
 stamp() { echo "[$SET $(( $(date +%s) - start ))s] $*"; }
 # Hydra runs of this script land in $OUT/<stage>, without re-printing the whole config.
-run_args() { echo "hydra.run.dir=$OUT/$1 extras.print_config=false logger=csv"; }
+run_args() { echo "hydra.run.dir=$OUT/$1 extras.print_config=false logger=csv${SEED:+ seed=$SEED}"; }
 
 stamp "building the embedded $SET shards (32 px; kept if they exist)"
 $PY scripts/prepare_data.py data=$DATA hydra.run.dir="$OUT/prepare_data" hydra.output_subdir=null

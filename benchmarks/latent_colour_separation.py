@@ -1,0 +1,85 @@
+"""How far apart an autoencoder puts the shape colours in its latent space, as stage 2 sees it.
+
+Reads cached latent shards of the shapes set (``scripts/encode_latents.py`` output: ``<key>.latents.safetensors``
+with the posterior ``mean`` [C, h, w], and ``<key>.json`` with the shape's ``color`` and pixel ``bbox``). Each latent
+is standardised per channel over the whole shard set (as ``LatentDiffusion`` normalises latents), and the C-vector
+of the latent cell under the centre of the shape's bounding box stands for the shape's colour. Printed: the
+per-channel spread and, per colour pair, the Euclidean distance between the two colours' mean vectors, closest
+pairs first. Stage 2 must tell the closest pair apart from text alone; a small distance predicts colour mix-ups.
+
+    python benchmarks/latent_colour_separation.py outputs/quickstart/latents/val-000000.tar
+    python benchmarks/latent_colour_separation.py run_a/latents/val-000000.tar run_b/latents/val-000000.tar --pairs 5
+
+Evidence so far (BENCHMARKS.md, "`make quickstart` with 1,800 stage-2 steps"): over five quickstart autoencoders,
+the closest pair's distance ordered their stage-2 prompt accuracies; the fifth was predicted before its stage 2 ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tarfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load
+
+
+def read_centre_cells(shard: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(all latent means [N, C, h, w], the cell under each bbox centre [N, C], colour names [N]) of one shard."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    latents, cells, colours = [], [], []
+    for key, parts in sorted(samples.items()):
+        if "latents.safetensors" not in parts or "json" not in parts:
+            raise ValueError(f"{shard}: sample {key} has no latents.safetensors/json; pass latent shards written by "
+                             "scripts/encode_latents.py")
+        meta = json.loads(parts["json"])
+        mean = load(parts["latents.safetensors"])["mean"].float()  # [C, h, w]
+        factor = meta["image_size"] // mean.shape[-1]
+        x0, y0, x1, y1 = meta["bbox"]
+        row = min(int((y0 + y1) / 2 / factor), mean.shape[-2] - 1)
+        col = min(int((x0 + x1) / 2 / factor), mean.shape[-1] - 1)
+        latents.append(mean)
+        cells.append(mean[:, row, col])
+        colours.append(meta["color"])
+    return torch.stack(latents), torch.stack(cells), colours
+
+
+def colour_distances(shards: list[Path]) -> tuple[torch.Tensor, dict[tuple[str, str], float]]:
+    """(per-channel std of the latents [C], {(colour a, colour b): distance of their standardised mean cells})."""
+    parts = [read_centre_cells(s) for s in shards]
+    latents = torch.cat([p[0] for p in parts])
+    cells = torch.cat([p[1] for p in parts])
+    colours = [c for p in parts for c in p[2]]
+    mean, std = latents.mean((0, 2, 3)), latents.std((0, 2, 3))
+    cells = (cells - mean) / std  # [N, C], in units of each channel's spread
+    names = sorted(set(colours))
+    centres = {n: cells[[i for i, c in enumerate(colours) if c == n]].mean(0) for n in names}
+    return std, {(a, b): float((centres[a] - centres[b]).norm()) for a, b in itertools.combinations(names, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shards", nargs="+", type=Path,
+                        help="latent shards; one autoencoder per argument (a shard, or a glob-expanded list "
+                             "joined with commas)")
+    parser.add_argument("--pairs", type=int, default=3, help="closest colour pairs to print")
+    args = parser.parse_args()
+    print("| latents | channel std | closest colour pairs (distance) |")
+    print("|---|---|---|")
+    for spec in args.shards:
+        shards = [Path(s) for s in str(spec).split(",")]
+        std, dist = colour_distances(shards)
+        closest = sorted(dist.items(), key=lambda kv: kv[1])[: args.pairs]
+        print(f"| {spec} | {', '.join(f'{v:.2f}' for v in std)} | "
+              f"{', '.join(f'{a}-{b} {d:.2f}' for (a, b), d in closest)} |")
+
+
+if __name__ == "__main__":
+    main()

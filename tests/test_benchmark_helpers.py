@@ -51,3 +51,44 @@ def test_sd15_variants_follow_the_checkpointing_switch(checkpointing):
     ours = next(v.module for v in variants if v.impl == "ours")
     theirs = next(v.module for v in variants if v.impl == "diffusers")
     assert {id(p) for p in ours.parameters()} == {id(p) for p in theirs.parameters()}
+
+
+def _write_latent_shard(path: Path, samples: list[tuple[str, list[float], torch.Tensor]]) -> None:
+    """A latent shard as scripts/encode_latents.py writes it: <key>.json (colour, bbox, image_size) and
+    <key>.latents.safetensors (posterior mean [C, h, w])."""
+    import io
+    import json
+    import tarfile
+
+    from safetensors.torch import save
+
+    with tarfile.open(path, "w") as tar:
+        for i, (colour, bbox, mean) in enumerate(samples):
+            for ext, payload in (("json", json.dumps({"color": colour, "bbox": bbox, "image_size": 32}).encode()),
+                                 ("latents.safetensors", save({"mean": mean, "logvar": torch.zeros_like(mean)}))):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_latent_colour_separation_measures_the_cell_under_the_shape(tmp_path):
+    import latent_colour_separation as lcs  # benchmarks/latent_colour_separation.py
+
+    samples = []
+    for i in range(8):
+        colour = "red" if i % 2 == 0 else "blue"
+        mean = torch.zeros(2, 8, 8)
+        # the shape covers pixels 8..16 -> centre pixel 12 -> latent cell 3 (f = 4); the rest of the latent is noise
+        mean[:, 3, 3] = torch.tensor([1.0, 0.0]) if colour == "red" else torch.tensor([0.0, 1.0])
+        mean[:, 0, 0] = torch.tensor([float(i), -float(i)])  # far from the shape: must not count
+        samples.append((colour, [8.0, 8.0, 16.0, 16.0], mean))
+    shard = tmp_path / "val-000000.tar"
+    _write_latent_shard(shard, samples)
+
+    std, distances = lcs.colour_distances([shard])
+    all_means = torch.stack([m for _, _, m in samples])
+    expected_std = all_means.std((0, 2, 3))
+    assert torch.allclose(std, expected_std)
+    # centres (1, 0) and (0, 1), each channel divided by its spread
+    expected = float(torch.linalg.norm(torch.tensor([1.0, -1.0]) / expected_std))
+    assert distances[("blue", "red")] == pytest.approx(expected, rel=1e-5)

@@ -19,28 +19,27 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import tarfile
+import sys
 from pathlib import Path
 
 import torch
+import webdataset as wds
 from safetensors.torch import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.data.latents import LATENTS_KEY  # noqa: E402
 
 
 def read_centre_cells(shard: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(all latent means [N, C, h, w], the cell under each bbox centre [N, C], colour names [N]) of one shard."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(shard) as tar:
-        for member in tar.getmembers():
-            if member.isfile():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     latents, cells, colours = [], [], []
-    for key, parts in sorted(samples.items()):
-        if "latents.safetensors" not in parts or "json" not in parts:
-            raise ValueError(f"{shard}: sample {key} has no latents.safetensors/json; pass latent shards written by "
-                             "scripts/encode_latents.py")
-        meta = json.loads(parts["json"])
-        mean = load(parts["latents.safetensors"])["mean"].float()  # [C, h, w]
+    for raw in wds.DataPipeline(wds.SimpleShardList(str(shard)), wds.tarfile_to_samples()):
+        if LATENTS_KEY not in raw or "json" not in raw:
+            raise ValueError(f"{shard}: sample {raw['__key__']} has no {LATENTS_KEY}/json; pass latent shards "
+                             "written by scripts/encode_latents.py")
+        meta = json.loads(raw["json"])
+        mean = load(raw[LATENTS_KEY])["mean"].float()  # [C, h, w]
         factor = meta["image_size"] // mean.shape[-1]
         x0, y0, x1, y1 = meta["bbox"]
         row = min(int((y0 + y1) / 2 / factor), mean.shape[-2] - 1)

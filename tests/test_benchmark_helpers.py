@@ -54,21 +54,16 @@ def test_sd15_variants_follow_the_checkpointing_switch(checkpointing):
 
 
 def _write_latent_shard(path: Path, samples: list[tuple[str, list[float], torch.Tensor]]) -> None:
-    """A latent shard as scripts/encode_latents.py writes it: <key>.json (colour, bbox, image_size) and
-    <key>.latents.safetensors (posterior mean [C, h, w])."""
-    import io
-    import json
-    import tarfile
+    """A latent shard as scripts/encode_latents.py writes it (``latent_record``: posterior mean [C, h, w] in float16,
+    the shape's colour and bbox in the .json)."""
+    import webdataset as wds
 
-    from safetensors.torch import save
+    from ldm.data.latents import latent_record
 
-    with tarfile.open(path, "w") as tar:
+    with wds.TarWriter(str(path)) as sink:
         for i, (colour, bbox, mean) in enumerate(samples):
-            for ext, payload in (("json", json.dumps({"color": colour, "bbox": bbox, "image_size": 32}).encode()),
-                                 ("latents.safetensors", save({"mean": mean, "logvar": torch.zeros_like(mean)}))):
-                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+            sink.write(latent_record(f"s{i:04d}", mean, torch.zeros_like(mean), f"a {colour} square",
+                                     {"color": colour, "bbox": bbox}, {"encoder_sha256": "test"}, image_size=32))
 
 
 def test_latent_colour_separation_measures_the_cell_under_the_shape(tmp_path):

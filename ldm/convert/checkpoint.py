@@ -57,7 +57,8 @@ SD_SCHEDULE_BUFFERS = (
 )
 _SD_DERIVED = (*SD_SCHEDULE_BUFFERS, "model_ema.decay", f"{TEXT_HF}text_model.embeddings.position_ids")
 # Project-only tensors a foreign checkpoint never holds: kept at the model's own (config-derived) values.
-_PROJECT_ONLY = ("latent_shift", "latent_scale", "latent_stats_ready", f"{VAE}latent_mean", f"{VAE}latent_std")
+_PROJECT_ONLY = ("latent_shift", "latent_scale", "latent_mix", "latent_unmix", "latent_stats_ready",
+                 f"{VAE}latent_mean", f"{VAE}latent_std")
 
 StateDict = dict[str, torch.Tensor]
 

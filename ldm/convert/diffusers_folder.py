@@ -152,6 +152,10 @@ def _text_config(model: LatentDiffusion, layers: int):
 
 
 def _vae_scaling(model: LatentDiffusion) -> dict:
+    if model.latent_norm == "whiten":
+        raise ValueError("latent_norm='whiten' mixes the latent channels, which a diffusers VAE config "
+                         "(scaling_factor, latents_mean, latents_std) cannot express: export a model trained with "
+                         "latent_norm='per_channel' or 'global'.")
     shift, scale = model.latent_shift.float().cpu(), model.latent_scale.float().cpu()
     if bool((shift == 0).all() and (scale == scale[0]).all()):
         return {"scaling_factor": float(scale[0])}
@@ -168,6 +172,7 @@ def save_diffusers_folder(model: LatentDiffusion, folder: Union[str, Path], use_
     """
     import diffusers
 
+    vae_scaling = _vae_scaling(model)  # before anything is written: a whitened model cannot be exported
     folder = Path(folder)
     state = model.state_dict()
     cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)
@@ -184,7 +189,7 @@ def save_diffusers_folder(model: LatentDiffusion, folder: Union[str, Path], use_
     vae = {k[len(VAE):]: cast(v) for k, v in state.items() if k.startswith(VAE) and not k.startswith(VAE + "latent_")}
     with meta_device():
         diffusers.AutoencoderKL(**diffusers_vae_config(first["ddconfig"], first["embed_dim"]),
-                                **_vae_scaling(model)).save_config(folder / "vae")
+                                **vae_scaling).save_config(folder / "vae")
     save_safetensors(sd_to_diffusers_vae(vae), folder / "vae" / "diffusion_pytorch_model.safetensors",
                      metadata={"format": "pt"})
 

@@ -28,6 +28,8 @@ from ldm.diffusion.loss import diffusion_loss, loss_weights, sample_timesteps
 from ldm.diffusion.schedule import NoiseSchedule, sample_noise
 from ldm.models.first_stage import FirstStage
 from ldm.models.latent_source import autoencoder_identity, check_latent_sources
+
+LATENT_NORMS = ("per_channel", "whiten", "global", "none")
 from ldm.models.text_cache import CachedTextConditioning
 from ldm.modules.conditioning import OpenCLIPTextEncoder
 from ldm.modules.ema import EMA
@@ -50,7 +52,8 @@ class LatentDiffusion(L.LightningModule):
         loss_weighting / snr_gamma: "uniform" or "min_snr" (Hang et al. 2023) with gamma.
         offset_noise: strength of per-channel offset noise (0 disables).
         cond_drop_prob: probability of replacing a caption by "" (classifier-free guidance training).
-        latent_norm: "per_channel" (autoencoder's stored mean/std per channel), "global" (one std over all
+        latent_norm: "per_channel" (autoencoder's stored mean/std per channel), "whiten" (per channel, then the
+            channels decorrelated, ZCA, measured on the first training batch), "global" (one std over all
             channels, no shift, SD style), or "none". ``scale_factor`` (e.g. 0.18215) overrides with a fixed scale.
         ema_decay: EMA decay of the U-Net (None disables EMA).
         timestep_range: [t_min, t_max) sampled during training (curriculum can change it).
@@ -84,8 +87,8 @@ class LatentDiffusion(L.LightningModule):
         super().__init__()
         if parameterization not in ("eps", "v", "x0"):
             raise ValueError(f"parameterization must be 'eps', 'v' or 'x0', got {parameterization!r}.")
-        if latent_norm not in ("per_channel", "global", "none"):
-            raise ValueError(f"latent_norm must be 'per_channel', 'global' or 'none', got {latent_norm!r}.")
+        if latent_norm not in LATENT_NORMS:
+            raise ValueError(f"latent_norm must be one of {', '.join(map(repr, LATENT_NORMS))}, got {latent_norm!r}.")
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}.")
         self.optimizer_factory = optimizer
@@ -111,6 +114,9 @@ class LatentDiffusion(L.LightningModule):
         z_channels = self.first_stage_model.z_channels
         self.register_buffer("latent_shift", torch.zeros(z_channels))  # z_norm = (z - shift) * scale
         self.register_buffer("latent_scale", torch.ones(z_channels))
+        # latent_norm=whiten: z_norm = mix @ ((z - shift) * scale), mix = corr^(-1/2) (ZCA); identity otherwise
+        self.register_buffer("latent_mix", torch.eye(z_channels))
+        self.register_buffer("latent_unmix", torch.eye(z_channels))
         self.register_buffer("latent_stats_ready", torch.tensor(False))
         self._latent_stats_ready_host: Optional[bool] = None  # host mirror of the buffer: no device sync per step
         self._init_latent_norm(latent_norm, scale_factor)
@@ -168,11 +174,18 @@ class LatentDiffusion(L.LightningModule):
         return self.first_stage_model.decode(self.denormalize_latents(z).to(self.first_stage_model.dtype))
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Autoencoder latents z [B, C, h, w] -> the diffusion model's latents [B, C, h, w]."""
         shift = self.latent_shift.view(1, -1, 1, 1).to(z.dtype)
         scale = self.latent_scale.view(1, -1, 1, 1).to(z.dtype)
-        return (z - shift) * scale
+        z = (z - shift) * scale
+        if self.latent_norm == "whiten":
+            z = torch.einsum("dc,bchw->bdhw", self.latent_mix.to(z.dtype), z)
+        return z
 
     def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``normalize_latents``."""
+        if self.latent_norm == "whiten":
+            z = torch.einsum("dc,bchw->bdhw", self.latent_unmix.to(z.dtype), z)
         shift = self.latent_shift.view(1, -1, 1, 1).to(z.dtype)
         scale = self.latent_scale.view(1, -1, 1, 1).to(z.dtype)
         return z / scale + shift
@@ -231,6 +244,9 @@ class LatentDiffusion(L.LightningModule):
 
     def _init_latent_norm(self, latent_norm: str, scale_factor: Optional[float]) -> None:
         self.latent_norm = latent_norm
+        if scale_factor is not None and latent_norm == "whiten":
+            raise ValueError("scale_factor fixes one scale for all channels; latent_norm='whiten' measures its own "
+                             "statistics: leave scale_factor unset (null) or use latent_norm='global'.")
         if scale_factor is not None:
             self.latent_scale.fill_(float(scale_factor))
             self.latent_stats_ready.fill_(True)
@@ -238,13 +254,15 @@ class LatentDiffusion(L.LightningModule):
         if latent_norm == "none":
             self.latent_stats_ready.fill_(True)
             return
+        if latent_norm == "whiten":  # needs the channels' correlations: measured on the first training batch
+            return
         stats = self.first_stage_model.latent_stats()
         if stats is not None:  # otherwise estimated on the first training batch
             self._set_latent_stats(*stats)
 
     def _set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         std = std.clamp_min(1e-6)
-        if self.latent_norm == "per_channel":
+        if self.latent_norm in ("per_channel", "whiten"):
             self.latent_shift.copy_(mean)
             self.latent_scale.copy_(1.0 / std)
         else:  # global: one scale, no shift (SD's 0.18215 convention)
@@ -255,14 +273,31 @@ class LatentDiffusion(L.LightningModule):
 
     @torch.no_grad()
     def _estimate_latent_stats(self, z: torch.Tensor) -> None:
-        """Per-channel statistics from the first batch's posterior samples z [B, C, h, w] (un-normalised)."""
+        """Per-channel statistics (and for ``whiten`` the channel correlations) from the first batch's posterior
+        samples z [B, C, h, w] (un-normalised)."""
         mean = z.mean(dim=(0, 2, 3))
         std = z.std(dim=(0, 2, 3))
+        cells = z.transpose(0, 1).flatten(1)  # [C, B*h*w]
+        corr = torch.corrcoef(cells.double())  # [C, C], double: near-collinear channels are common
         if self._trainer is not None and self.trainer.world_size > 1:
             mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
             std = self.trainer.strategy.reduce(std, reduce_op="mean")
+            corr = self.trainer.strategy.reduce(corr, reduce_op="mean")
         self._set_latent_stats(mean, std)
+        if self.latent_norm == "whiten":
+            self._set_whitening(corr)
         log.info(f"Latent statistics from the first batch: mean {mean.tolist()}, std {std.tolist()}")
+
+    @torch.no_grad()
+    def _set_whitening(self, corr: torch.Tensor) -> None:
+        """ZCA whitening of the standardised channels: mix = corr^(-1/2), unmix = corr^(1/2) (Kessy et al. 2018).
+        Strongly correlated channels leave some directions of the latent space with a tiny share of the variance:
+        under per-channel scaling noise buries them at the first noise levels (BENCHMARKS.md, "Whitened latents")."""
+        eigenvalues, eigenvectors = torch.linalg.eigh(corr.double())
+        eigenvalues = eigenvalues.clamp_min(1e-6 * float(eigenvalues.max()))  # a degenerate direction stays finite
+        self.latent_mix.copy_((eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T)
+        self.latent_unmix.copy_((eigenvectors * eigenvalues.sqrt()) @ eigenvectors.T)
+        log.info(f"Latent whitening: correlation eigenvalues {eigenvalues.tolist()}")
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -390,10 +425,12 @@ class LatentDiffusion(L.LightningModule):
         hparams["cond_stage_config"] = cond
         checkpoint["hyper_parameters"] = hparams
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._latent_stats_ready_host = None  # re-read the restored latent_stats_ready on the next batch
         self._cached_text.reset()  # the text encoder's weights may change
-        super()._load_from_state_dict(*args, **kwargs)
+        for name in ("latent_mix", "latent_unmix"):  # checkpoints from before latent_norm=whiten: identity
+            state_dict.setdefault(prefix + name, torch.eye(self.latent_shift.numel()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.first_stage_model.weights_loaded = True

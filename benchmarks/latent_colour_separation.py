@@ -10,8 +10,12 @@ pairs first. Stage 2 must tell the closest pair apart from text alone; a small d
     python benchmarks/latent_colour_separation.py outputs/quickstart/latents/val-000000.tar
     python benchmarks/latent_colour_separation.py run_a/latents/val-000000.tar run_b/latents/val-000000.tar --pairs 5
 
-Evidence so far (BENCHMARKS.md, "`make quickstart` with 1,800 stage-2 steps"): over five quickstart autoencoders,
-the closest pair's distance ordered their stage-2 prompt accuracies; the fifth was predicted before its stage 2 ran.
+With ``--probe``, also the 4-fold cross-validated accuracy of a logistic regression (scikit-learn) that reads the colour
+from the standardised centre cell and from the whole latent: how linearly the layout carries colour.
+
+Evidence so far (BENCHMARKS.md, "`make quickstart` with 1,800 stage-2 steps" and "Stage-1 KL weight and whitened
+latents"): over the first five quickstart autoencoders the closest pair's distance ordered their stage-2 prompt
+accuracies (the fifth predicted before its stage 2 ran); over four more it did not. A diagnostic, not a predictor.
 """
 
 from __future__ import annotations
@@ -50,17 +54,31 @@ def read_centre_cells(shard: Path) -> tuple[torch.Tensor, torch.Tensor, list[str
     return torch.stack(latents), torch.stack(cells), colours
 
 
-def colour_distances(shards: list[Path]) -> tuple[torch.Tensor, dict[tuple[str, str], float]]:
-    """(per-channel std of the latents [C], {(colour a, colour b): distance of their standardised mean cells})."""
+def standardised(shards: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(per-channel std [C], latents [N, C, h, w] and centre cells [N, C] in units of each channel's spread, colours)."""
     parts = [read_centre_cells(s) for s in shards]
     latents = torch.cat([p[0] for p in parts])
     cells = torch.cat([p[1] for p in parts])
     colours = [c for p in parts for c in p[2]]
     mean, std = latents.mean((0, 2, 3)), latents.std((0, 2, 3))
-    cells = (cells - mean) / std  # [N, C], in units of each channel's spread
+    latents = (latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return std, latents, (cells - mean) / std, colours
+
+
+def colour_distances(shards: list[Path]) -> tuple[torch.Tensor, dict[tuple[str, str], float]]:
+    """(per-channel std of the latents [C], {(colour a, colour b): distance of their standardised mean cells})."""
+    std, _, cells, colours = standardised(shards)
     names = sorted(set(colours))
     centres = {n: cells[[i for i, c in enumerate(colours) if c == n]].mean(0) for n in names}
     return std, {(a, b): float((centres[a] - centres[b]).norm()) for a, b in itertools.combinations(names, 2)}
+
+
+def linear_probe(features: torch.Tensor, colours: list[str]) -> float:
+    """4-fold cross-validated accuracy of a logistic regression from features [N, D] to the colour names."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    return float(cross_val_score(LogisticRegression(max_iter=2000), features.numpy(), colours, cv=4).mean())
 
 
 def main() -> None:
@@ -69,15 +87,21 @@ def main() -> None:
                         help="latent shards; one autoencoder per argument (a shard, or a glob-expanded list "
                              "joined with commas)")
     parser.add_argument("--pairs", type=int, default=3, help="closest colour pairs to print")
+    parser.add_argument("--probe", action="store_true", help="add the linear colour probe (needs scikit-learn)")
     args = parser.parse_args()
-    print("| latents | channel std | closest colour pairs (distance) |")
-    print("|---|---|---|")
+    probe_head = " linear colour probe (centre cell / whole latent) |" if args.probe else ""
+    print(f"| latents | channel std | closest colour pairs (distance) |{probe_head}")
+    print("|---|---|---|" + ("---|" if args.probe else ""))
     for spec in args.shards:
         shards = [Path(s) for s in str(spec).split(",")]
         std, dist = colour_distances(shards)
         closest = sorted(dist.items(), key=lambda kv: kv[1])[: args.pairs]
+        probe = ""
+        if args.probe:
+            _, latents, cells, colours = standardised(shards)
+            probe = f" {linear_probe(cells, colours):.2f} / {linear_probe(latents.flatten(1), colours):.2f} |"
         print(f"| {spec} | {', '.join(f'{v:.2f}' for v in std)} | "
-              f"{', '.join(f'{a}-{b} {d:.2f}' for (a, b), d in closest)} |")
+              f"{', '.join(f'{a}-{b} {d:.2f}' for (a, b), d in closest)} |{probe}")
 
 
 if __name__ == "__main__":

@@ -87,3 +87,15 @@ def test_latent_colour_separation_measures_the_cell_under_the_shape(tmp_path):
     # centres (1, 0) and (0, 1), each channel divided by its spread
     expected = float(torch.linalg.norm(torch.tensor([1.0, -1.0]) / expected_std))
     assert distances[("blue", "red")] == pytest.approx(expected, rel=1e-5)
+
+
+def test_linear_colour_probe_reads_a_linear_layout_and_not_noise():
+    pytest.importorskip("sklearn")
+    import latent_colour_separation as lcs
+
+    g = torch.Generator().manual_seed(0)
+    colours = ["red", "green", "blue"] * 20
+    direction = {"red": torch.tensor([1.0, 0.0]), "green": torch.tensor([0.0, 1.0]), "blue": torch.tensor([-1.0, -1.0])}
+    linear = torch.stack([direction[c] for c in colours]) + 0.05 * torch.randn(60, 2, generator=g)  # [N, 2]
+    assert lcs.linear_probe(linear, colours) == 1.0
+    assert lcs.linear_probe(torch.randn(60, 2, generator=g), colours) < 0.6  # chance: 1/3

@@ -13,9 +13,9 @@ pairs first. Stage 2 must tell the closest pair apart from text alone; a small d
 With ``--probe``, also the 4-fold cross-validated accuracy of a logistic regression (scikit-learn) that reads the colour
 from the standardised centre cell and from the whole latent: how linearly the layout carries colour.
 
-Evidence so far (BENCHMARKS.md, "`make quickstart` with 1,800 stage-2 steps" and "Stage-1 KL weight and whitened
-latents"): over the first five quickstart autoencoders the closest pair's distance ordered their stage-2 prompt
-accuracies (the fifth predicted before its stage 2 ran); over four more it did not. A diagnostic, not a predictor.
+Evidence so far (BENCHMARKS.md, "`make quickstart` with 1,800 stage-2 steps" and "Stage-1 KL weight, decoder
+noise and whitened latents"): over the first five quickstart autoencoders the closest pair's distance ordered their
+stage-2 prompt accuracies (the fifth predicted before its stage 2 ran); over six more it did not. A diagnostic, not a predictor.
 """
 
 from __future__ import annotations

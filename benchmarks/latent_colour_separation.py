@@ -65,12 +65,17 @@ def standardised(shards: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.
     return std, latents, (cells - mean) / std, colours
 
 
+def centre_distances(cells: torch.Tensor, colours: list[str]) -> dict[tuple[str, str], float]:
+    """{(colour a, colour b): distance of their mean standardised centre cells}, cells [N, C]."""
+    names = sorted(set(colours))
+    centres = {n: cells[[i for i, c in enumerate(colours) if c == n]].mean(0) for n in names}
+    return {(a, b): float((centres[a] - centres[b]).norm()) for a, b in itertools.combinations(names, 2)}
+
+
 def colour_distances(shards: list[Path]) -> tuple[torch.Tensor, dict[tuple[str, str], float]]:
     """(per-channel std of the latents [C], {(colour a, colour b): distance of their standardised mean cells})."""
     std, _, cells, colours = standardised(shards)
-    names = sorted(set(colours))
-    centres = {n: cells[[i for i, c in enumerate(colours) if c == n]].mean(0) for n in names}
-    return std, {(a, b): float((centres[a] - centres[b]).norm()) for a, b in itertools.combinations(names, 2)}
+    return std, centre_distances(cells, colours)
 
 
 def linear_probe(features: torch.Tensor, colours: list[str]) -> float:
@@ -94,11 +99,10 @@ def main() -> None:
     print("|---|---|---|" + ("---|" if args.probe else ""))
     for spec in args.shards:
         shards = [Path(s) for s in str(spec).split(",")]
-        std, dist = colour_distances(shards)
-        closest = sorted(dist.items(), key=lambda kv: kv[1])[: args.pairs]
+        std, latents, cells, colours = standardised(shards)  # the shards are read once
+        closest = sorted(centre_distances(cells, colours).items(), key=lambda kv: kv[1])[: args.pairs]
         probe = ""
         if args.probe:
-            _, latents, cells, colours = standardised(shards)
             probe = f" {linear_probe(cells, colours):.2f} / {linear_probe(latents.flatten(1), colours):.2f} |"
         print(f"| {spec} | {', '.join(f'{v:.2f}' for v in std)} | "
               f"{', '.join(f'{a}-{b} {d:.2f}' for (a, b), d in closest)} |{probe}")

@@ -28,8 +28,6 @@ from ldm.diffusion.loss import diffusion_loss, loss_weights, sample_timesteps
 from ldm.diffusion.schedule import NoiseSchedule, sample_noise
 from ldm.models.first_stage import FirstStage
 from ldm.models.latent_source import autoencoder_identity, check_latent_sources
-
-LATENT_NORMS = ("per_channel", "whiten", "global", "none")
 from ldm.models.text_cache import CachedTextConditioning
 from ldm.modules.conditioning import OpenCLIPTextEncoder
 from ldm.modules.ema import EMA
@@ -37,6 +35,8 @@ from ldm.modules.unet import UNetModel
 from ldm.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+
+LATENT_NORMS = ("per_channel", "whiten", "global", "none")
 
 
 class LatentDiffusion(L.LightningModule):
@@ -275,16 +275,18 @@ class LatentDiffusion(L.LightningModule):
     def _estimate_latent_stats(self, z: torch.Tensor) -> None:
         """Per-channel statistics (and for ``whiten`` the channel correlations) from the first batch's posterior
         samples z [B, C, h, w] (un-normalised)."""
+        distributed = self._trainer is not None and self.trainer.world_size > 1
         mean = z.mean(dim=(0, 2, 3))
         std = z.std(dim=(0, 2, 3))
-        cells = z.transpose(0, 1).flatten(1)  # [C, B*h*w]
-        corr = torch.corrcoef(cells.double())  # [C, C], double: near-collinear channels are common
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if distributed:
             mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
             std = self.trainer.strategy.reduce(std, reduce_op="mean")
-            corr = self.trainer.strategy.reduce(corr, reduce_op="mean")
         self._set_latent_stats(mean, std)
         if self.latent_norm == "whiten":
+            # [C, C] over all cells [C, B*h*w], in double: near-collinear channels are common
+            corr = torch.corrcoef(z.transpose(0, 1).flatten(1).double())
+            if distributed:
+                corr = self.trainer.strategy.reduce(corr, reduce_op="mean")
             self._set_whitening(corr)
         log.info(f"Latent statistics from the first batch: mean {mean.tolist()}, std {std.tolist()}")
 
@@ -292,7 +294,8 @@ class LatentDiffusion(L.LightningModule):
     def _set_whitening(self, corr: torch.Tensor) -> None:
         """ZCA whitening of the standardised channels: mix = corr^(-1/2), unmix = corr^(1/2) (Kessy et al. 2018).
         Strongly correlated channels leave some directions of the latent space with a tiny share of the variance:
-        under per-channel scaling noise buries them at the first noise levels (BENCHMARKS.md, "Whitened latents")."""
+        under per-channel scaling noise buries them at the first noise levels (BENCHMARKS.md, "Stage-1 KL weight,
+        decoder noise and whitened latents": on the quickstart it did not raise prompt accuracy)."""
         eigenvalues, eigenvectors = torch.linalg.eigh(corr.double())
         eigenvalues = eigenvalues.clamp_min(1e-6 * float(eigenvalues.max()))  # a degenerate direction stays finite
         self.latent_mix.copy_((eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T)

@@ -220,6 +220,50 @@ def test_decoder_noise_is_used_by_the_training_step_and_not_by_validation(tmp_pa
     assert len(seen) == 2  # ... and only the two training steps noised the latents: validation decodes the mode
 
 
+def test_latent_rgb_loss_is_zero_for_a_linear_colour_code_and_off_by_default():
+    model = _model(latent_rgb_weight=1.0)
+    x = _images(3)  # [3, 3, 16, 16]; f = 2
+    pooled = torch.nn.functional.avg_pool2d(x, 2)  # [3, 3, 8, 8]
+    z = torch.cat([2 * pooled, torch.randn(3, 1, 8, 8)], 1)  # colour in channels 0-2 (scaled), noise in 3
+    with torch.no_grad():
+        model.latent_to_rgb.weight.copy_(torch.eye(3, 4).view(3, 4, 1, 1) / 2)
+        model.latent_to_rgb.bias.zero_()
+    assert model.latent_rgb_loss(x, z).item() < 1e-10
+    shifted = z + torch.tensor([0.2, 0.0, 0.0, 0.0]).view(1, 4, 1, 1)  # red off by 0.1 in every cell
+    torch.testing.assert_close(model.latent_rgb_loss(x, shifted), torch.tensor(0.1**2 * 64))  # per-image sum
+
+    plain = _model()
+    assert plain.latent_to_rgb is None and not any(k.startswith("latent_to_rgb") for k in plain.state_dict())
+    with pytest.raises(ValueError, match="latent_rgb_weight"):
+        _model(latent_rgb_weight=-1.0)
+
+
+def test_latent_rgb_term_falls_in_training_and_its_head_is_optimised(tmp_path):
+    torch.manual_seed(0)
+    model = _model(latent_rgb_weight=1.0, loss=dict(TINY_LOSS, disc_start=10**6))
+    head_before = model.latent_to_rgb.weight.detach().clone()
+    x = _images(8)
+    with torch.no_grad():
+        first = model.latent_rgb_loss(x, model.encode(x).mode()).item()
+    trainer = _trainer(tmp_path, max_steps=64, limit_val_batches=1, check_val_every_n_epoch=8)
+    trainer.fit(model, _loader(n=64, batch_size=8), _loader(8))
+    with torch.no_grad():
+        last = model.latent_rgb_loss(x, model.encode(x).mode()).item()
+    assert not torch.equal(model.latent_to_rgb.weight, head_before)  # the head is in the optimizer
+    assert last < first / 3, (first, last)
+    assert {"train/latent_rgb_loss", "val/latent_rgb_loss"} <= set(trainer.logged_metrics)
+
+
+def test_latent_rgb_head_is_optional_when_loading_weights(tmp_path):
+    with_head, without = _model(latent_rgb_weight=1.0), _model()
+    torch.save({"state_dict": with_head.state_dict()}, tmp_path / "head.ckpt")
+    torch.save({"state_dict": without.state_dict()}, tmp_path / "plain.ckpt")
+    loaded = _model(ckpt_path=str(tmp_path / "head.ckpt"))  # the head is dropped: not part of this model
+    torch.testing.assert_close(loaded.encoder.conv_in.weight, with_head.encoder.conv_in.weight)
+    fresh = _model(latent_rgb_weight=1.0, ckpt_path=str(tmp_path / "plain.ckpt"))  # a new head starts fresh
+    torch.testing.assert_close(fresh.decoder.conv_out.weight, without.decoder.conv_out.weight)
+
+
 class _RecordDiscriminator(L.Callback):
     """Record, per training batch, global_step and the discriminator's optimizer step count."""
 

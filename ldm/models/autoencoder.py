@@ -27,6 +27,7 @@ from ldm.utils.image_logging import log_image_grid
 _LOSS_PREFIX = "loss."
 _FROZEN_PREFIX = "loss.perceptual_loss."  # LPIPS/VGG: rebuilt from local files, never saved
 _LATENT_STATS = ("latent_mean", "latent_std")
+_RGB_PREFIX = "latent_to_rgb."
 
 
 class AutoencoderKL(L.LightningModule):
@@ -48,6 +49,10 @@ class AutoencoderKL(L.LightningModule):
         decoder_noise: during training, Gaussian noise of this many per-channel latent standard deviations is
             added to the posterior sample before decoding, so the decoder learns to map slightly-off latents
             (what a diffusion model generates) to clean images (0: off, as SD; validation decodes the mode).
+        latent_rgb_weight: weight of a linear-colour term: a 1x1 conv ``latent_to_rgb`` (embed_dim -> out_ch),
+            trained with the autoencoder, must predict the image average-pooled by f from the posterior mean
+            (squared error summed per image, like the pixel loss). It makes colour a linear function of the
+            latent channels, which stage 2 separates more easily (0: off, as SD; no extra tensors then).
 
     ``trainer.global_step`` (and so ``max_steps``) counts generator steps: the discriminator steps
     through the strategy directly, without advancing Lightning's step counter.
@@ -67,6 +72,7 @@ class AutoencoderKL(L.LightningModule):
         ckpt_path: str | None = None,
         num_log_images: int = 8,
         decoder_noise: float = 0.0,
+        latent_rgb_weight: float = 0.0,
     ):
         super().__init__()
         # Plain containers keep the checkpoint loadable with torch.load(weights_only=True).
@@ -86,6 +92,9 @@ class AutoencoderKL(L.LightningModule):
         if decoder_noise < 0:
             raise ValueError(f"decoder_noise must be >= 0 (latent standard deviations), got {decoder_noise}.")
         self.decoder_noise = decoder_noise
+        if latent_rgb_weight < 0:
+            raise ValueError(f"latent_rgb_weight must be >= 0, got {latent_rgb_weight}.")
+        self.latent_rgb_weight = latent_rgb_weight
 
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
@@ -93,6 +102,9 @@ class AutoencoderKL(L.LightningModule):
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.embed_dim = embed_dim
+        self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        # latent [B, embed_dim, h, w] -> image average-pooled by f [B, out_ch, h, w]; only with latent_rgb_weight
+        self.latent_to_rgb = nn.Conv2d(embed_dim, ddconfig["out_ch"], 1) if latent_rgb_weight > 0 else None
         self.loss = None if loss is None else AutoencoderLoss(**{"disc_in_channels": ddconfig["out_ch"], **loss})
 
         # NaN until measured: a consumer can tell "never measured" from a real (0, 1).
@@ -155,6 +167,10 @@ class AutoencoderKL(L.LightningModule):
             loss, logs = self.loss.generator_loss(
                 x, x_rec, posterior, last_layer=self.decoder.conv_out.weight, use_gan=use_gan
             )
+            if self.latent_to_rgb is not None:
+                rgb_loss = self.latent_rgb_loss(x, posterior.mode())
+                loss = loss + self.latent_rgb_weight * rgb_loss
+                logs.update(latent_rgb_loss=rgb_loss.detach(), total_loss=loss.detach())
             g_opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             g_opt.step()  # advances trainer.global_step by one
@@ -178,6 +194,12 @@ class AutoencoderKL(L.LightningModule):
         self.log("train/rec_loss", logs.pop("rec_loss"), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
         self.log("train/lr", g_opt.param_groups[0]["lr"], batch_size=batch_size)
+
+    def latent_rgb_loss(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Squared error of ``latent_to_rgb(z)`` [B, out_ch, h, w] against x [B, out_ch, H, W] average-pooled by
+        f, summed per image and averaged over the batch (the scale of the pixel loss, per latent cell)."""
+        target = nn.functional.avg_pool2d(x, self.downsample_factor)  # [B, out_ch, h, w]
+        return (self.latent_to_rgb(z) - target).pow(2).sum() / x.shape[0]
 
     def _noised_for_decoder(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, C, h, w] plus N(0, (decoder_noise * std_c)^2) per channel c (batch std, no gradient through it)."""
@@ -209,7 +231,8 @@ class AutoencoderKL(L.LightningModule):
     def configure_optimizers(self):
         if self._optimizer is None:
             raise ValueError("AutoencoderKL needs model.optimizer (a partial optimizer, _partial_: true) to train.")
-        autoencoder = nn.ModuleList([self.encoder, self.decoder, self.quant_conv, self.post_quant_conv])
+        parts = [self.encoder, self.decoder, self.quant_conv, self.post_quant_conv]
+        autoencoder = nn.ModuleList(parts + ([self.latent_to_rgb] if self.latent_to_rgb is not None else []))
         optimizers = [build_optimizer(self._optimizer, autoencoder)]
         if self.loss is not None and self.loss.discriminator is not None:
             optimizers.append(build_optimizer(self._disc_optimizer or self._optimizer, self.loss.discriminator))
@@ -230,6 +253,8 @@ class AutoencoderKL(L.LightningModule):
         pixel = (x - x_rec).abs() if self.loss is None else self.loss.pixel_loss(x, x_rec)
         self.log("val/rec_loss", pixel.mean(), batch_size=batch_size, sync_dist=True)
         self.log("val/kl_loss", posterior.kl().mean(), batch_size=batch_size, sync_dist=True)
+        if self.latent_to_rgb is not None:
+            self.log("val/latent_rgb_loss", self.latent_rgb_loss(x, z), batch_size=batch_size, sync_dist=True)
 
         x01, rec01 = _to_unit(x), _to_unit(x_rec)  # [B, C, H, W] in [0, 1]
         self.val_psnr.update(rec01, x01)
@@ -276,8 +301,12 @@ class AutoencoderKL(L.LightningModule):
         """
         state = extract_vae_state_dict(load_state_dict(path))
         state = self._reconcile_optional(state)
+        if self.latent_to_rgb is None:  # a colour head trained elsewhere: not part of this autoencoder
+            state = {k: v for k, v in state.items() if not k.startswith(_RGB_PREFIX)}
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k not in _LATENT_STATS and not k.startswith(_LOSS_PREFIX)]
+        # a new colour head starts from scratch on SD / diffusers weights
+        optional = (_LOSS_PREFIX, _RGB_PREFIX)
+        missing = [k for k in missing if k not in _LATENT_STATS and not k.startswith(optional)]
         if missing or unexpected:
             raise ValueError(
                 f"{path} does not match this autoencoder (check ddconfig / embed_dim): "

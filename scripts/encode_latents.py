@@ -151,14 +151,45 @@ def encode_captions(text: TextEncoder, captions: list[str], autocast: Any) -> di
     return {"text_context": out["context"].float().cpu(), "text_pooled": out["pooled"].float().cpu()}
 
 
+class CaptionFeatures:
+    """Text features per distinct caption, each encoded once (captions repeat: shapes32's 20,000 training captions
+    hold 7,550 distinct ones). Rows are kept up to ``max_mb`` MiB; beyond that, new captions are encoded every time.
+    The text encoder is frozen and in eval mode, and every caption is padded to the same context length, so a
+    caption's features do not depend on the batch it came in."""
+
+    def __init__(self, text: TextEncoder, autocast: Any, max_mb: float):
+        self.text, self.autocast = text, autocast
+        self.max_bytes, self.bytes = max_mb * 2**20, 0
+        self.rows: dict[str, dict[str, torch.Tensor]] = {}  # caption -> {"text_context": [L, D], "text_pooled": [P]}
+        self.encoded = self.requested = 0
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """captions -> {"text_context": [B, L, D], "text_pooled": [B, P]} (float32, CPU), as ``encode_captions``."""
+        new = list(dict.fromkeys(c for c in captions if c not in self.rows))  # distinct, in first-seen order
+        fresh: dict[str, dict[str, torch.Tensor]] = {}
+        if new:
+            out = encode_captions(self.text, new, self.autocast)
+            fresh = {c: {k: v[i].clone() for k, v in out.items()} for i, c in enumerate(new)}
+            for caption, row in fresh.items():
+                size = sum(t.numel() * t.element_size() for t in row.values())
+                if self.bytes + size <= self.max_bytes:
+                    self.rows[caption], self.bytes = row, self.bytes + size
+        self.encoded += len(new)
+        self.requested += len(captions)
+        rows = [self.rows.get(c) or fresh[c] for c in captions]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 def _fits_half(*tensors: torch.Tensor) -> torch.Tensor:
     """[B] True where every tensor's row is finite in float16."""
     return torch.stack([torch.isfinite(t.half()).flatten(1).all(1) for t in tensors]).all(0)
 
 
 def encode_shard(url: str, sink: wds.TarWriter, first_stage: FirstStage, cfg: DictConfig, identity: dict,
-                 autocast: Any, device: torch.device, bar: tqdm, text: Optional[TextEncoder] = None) -> dict[str, Any]:
-    """Encode one image shard (and its captions with ``text``) into ``sink``; returns counts and the latent shape."""
+                 autocast: Any, device: torch.device, bar: tqdm, text: Optional[TextEncoder] = None,
+                 captions: Optional[CaptionFeatures] = None) -> dict[str, Any]:
+    """Encode one image shard (and its captions with ``text``, through ``captions``) into ``sink``; returns counts and
+    the latent shape."""
     counter = SkipCounter(f"encode {Path(url).name}")
     image_size = int(cfg.data.image_size)
     pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=counter.handler),
@@ -169,7 +200,7 @@ def encode_shard(url: str, sink: wds.TarWriter, first_stage: FirstStage, cfg: Di
         with torch.no_grad(), autocast:
             posterior = first_stage.encode(images)
         mean, logvar = posterior.mean.float().cpu(), posterior.logvar.float().cpu()  # [B, C, h, w] each
-        embeddings = encode_captions(text, [s["caption"] for s in chunk], autocast) if text else {}
+        embeddings = captions([s["caption"] for s in chunk]) if text else {}
         finite = _fits_half(mean, logvar, *embeddings.values())
         for i, (sample, m, lv, ok) in enumerate(zip(chunk, mean, logvar, finite.tolist())):
             if not ok:
@@ -204,13 +235,16 @@ def encode_split(split: str, urls: list[str], first_stage: FirstStage, cfg: Dict
     shape = None
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=_expected_samples(urls), desc=f"encoding {split}", unit="img", disable=not cfg.progress)
+    captions = CaptionFeatures(text, autocast, float(cfg.caption_memory_mb)) if text else None
     with tempfile.TemporaryDirectory(prefix=f".{split}-", dir=out_dir) as tmp, bar:
         for url, target in zip(urls, targets):
             with wds.TarWriter(str(Path(tmp) / target.name), encoder=False, mtime=_TAR_MTIME) as sink:
-                counts = encode_shard(url, sink, first_stage, cfg, identity, autocast, device, bar, text)
+                counts = encode_shard(url, sink, first_stage, cfg, identity, autocast, device, bar, text, captions)
             totals["num_samples"] += counts["written"]
             totals["num_skipped"] += counts["skipped"]
             shape = shape or counts["shape"]
+        if captions:
+            log.info("%s: text encoder ran on %d distinct of %d captions", split, captions.encoded, captions.requested)
         if totals["num_samples"] == 0:
             raise ValueError(f"no readable image in the {split} shards {urls[:3]}...: nothing to encode.")
         if text:  # the empty prompt, for caption dropout: [L, D], [P]

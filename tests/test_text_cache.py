@@ -4,6 +4,7 @@ encoder or a trainable text encoder is refused, bad text tensors are skipped, an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tarfile
 from pathlib import Path
@@ -55,6 +56,30 @@ def ldm(cache: dict, *overrides: str):
     cfg = compose_ldm(cache, Path("unused"), cache["ckpt"], f"model.cond_stage_config.pretrained={cache['clip']}",
                       CACHE_CONTEXT, *overrides)
     return hydra.utils.instantiate(cfg.model, _convert_="all")
+
+
+def test_caption_features_encode_each_distinct_caption_once_within_the_memory_bound(tmp_path):
+    encoder, identity = encode_script.load_text_encoder(clip_checkpoint(tmp_path / "clip.ckpt", seed=1))
+    text = (encoder.eval(), identity)
+    calls = []
+    original = encoder.encode
+    encoder.encode = lambda captions: calls.append(list(captions)) or original(captions)
+    batches = [["a red circle", "a blue square", "a red circle"], ["a blue square", "a green triangle", ""]]
+    row_mb = (77 * 128 + 128) * 4 / 2**20  # one caption's context + pooled, float32
+    bounds = ((1.0, ["a green triangle", ""]), (1.5 * row_mb, ["a blue square", "a green triangle", ""]))
+    for max_mb, second_call in bounds:
+        calls.clear()
+        features = encode_script.CaptionFeatures(text, contextlib.nullcontext(), max_mb)
+        for captions in batches:
+            got = features(captions)
+            with torch.no_grad():
+                want = original(captions)
+            torch.testing.assert_close(got["text_context"], want["context"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got["text_pooled"], want["pooled"], rtol=1e-5, atol=1e-5)
+        # repeats within a batch are encoded once; across batches only while they fit in max_mb (one row here)
+        assert calls == [["a red circle", "a blue square"], second_call], calls
+        assert features.requested == 6 and features.encoded == 2 + len(second_call)
+        assert features.bytes <= max_mb * 2**20
 
 
 def test_cached_text_equals_the_online_encoding(cache):

@@ -52,7 +52,9 @@ class AutoencoderKL(L.LightningModule):
         latent_rgb_weight: weight of a linear-colour term: a 1x1 conv ``latent_to_rgb`` (embed_dim -> out_ch),
             trained with the autoencoder, must predict the image average-pooled by f from the posterior mean
             (squared error summed per image, like the pixel loss). It makes colour a linear function of the
-            latent channels, which stage 2 separates more easily (0: off, as SD; no extra tensors then).
+            latent channels, which stage 2 separates more easily (0: off, as SD; no extra tensors then). A small
+            case of aligning latents with a target through a learned projection, as VA-VAE (Yao et al. 2025) does
+            with vision-foundation-model features; docs/autoencoder.md, "A linear colour term".
 
     ``trainer.global_step`` (and so ``max_steps``) counts generator steps: the discriminator steps
     through the strategy directly, without advancing Lightning's step counter.

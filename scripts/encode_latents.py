@@ -155,7 +155,7 @@ class CaptionFeatures:
     """Text features per distinct caption, each encoded once (captions repeat: shapes32's 20,000 training captions
     hold 7,550 distinct ones). Rows are kept up to ``max_mb`` MiB; beyond that, new captions are encoded every time.
     The text encoder is frozen and in eval mode, and every caption is padded to the same context length, so a
-    caption's features do not depend on the batch it came in."""
+    caption's features do not depend on the batch it came in (up to float rounding)."""
 
     def __init__(self, text: TextEncoder, autocast: Any, max_mb: float):
         self.text, self.autocast = text, autocast
@@ -200,6 +200,8 @@ def encode_shard(url: str, sink: wds.TarWriter, first_stage: FirstStage, cfg: Di
         with torch.no_grad(), autocast:
             posterior = first_stage.encode(images)
         mean, logvar = posterior.mean.float().cpu(), posterior.logvar.float().cpu()  # [B, C, h, w] each
+        if text and captions is None:  # no memo given: encode every batch's distinct captions
+            captions = CaptionFeatures(text, autocast, max_mb=0.0)
         embeddings = captions([s["caption"] for s in chunk]) if text else {}
         finite = _fits_half(mean, logvar, *embeddings.values())
         for i, (sample, m, lv, ok) in enumerate(zip(chunk, mean, logvar, finite.tolist())):

@@ -186,9 +186,9 @@ def _fits_half(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def encode_shard(url: str, sink: wds.TarWriter, first_stage: FirstStage, cfg: DictConfig, identity: dict,
-                 autocast: Any, device: torch.device, bar: tqdm, text: Optional[TextEncoder] = None,
+                 autocast: Any, device: torch.device, bar: tqdm,
                  captions: Optional[CaptionFeatures] = None) -> dict[str, Any]:
-    """Encode one image shard (and its captions with ``text``, through ``captions``) into ``sink``; returns counts and
+    """Encode one image shard (and, with ``captions``, its captions' text features) into ``sink``; returns counts and
     the latent shape."""
     counter = SkipCounter(f"encode {Path(url).name}")
     image_size = int(cfg.data.image_size)
@@ -200,18 +200,16 @@ def encode_shard(url: str, sink: wds.TarWriter, first_stage: FirstStage, cfg: Di
         with torch.no_grad(), autocast:
             posterior = first_stage.encode(images)
         mean, logvar = posterior.mean.float().cpu(), posterior.logvar.float().cpu()  # [B, C, h, w] each
-        if text and captions is None:  # no memo given: encode every batch's distinct captions
-            captions = CaptionFeatures(text, autocast, max_mb=0.0)
-        embeddings = captions([s["caption"] for s in chunk]) if text else {}
+        embeddings = captions([s["caption"] for s in chunk]) if captions else {}
         finite = _fits_half(mean, logvar, *embeddings.values())
         for i, (sample, m, lv, ok) in enumerate(zip(chunk, mean, logvar, finite.tolist())):
             if not ok:
                 overflow += 1
                 log.warning("skipped %s in %s: its latents or text embeddings do not fit float16", sample["key"], url)
                 continue
-            row = {name: e[i] for name, e in embeddings.items()} if text else None  # [L, D], [P]
+            row = {name: e[i] for name, e in embeddings.items()} if captions else None  # [L, D], [P]
             sink.write(latent_record(sample["key"], m, lv, sample["caption"], sample["meta"], identity, image_size,
-                                     text=row, text_source=text[1] if text else None))
+                                     text=row, text_source=captions.text[1] if captions else None))
             written += 1
         shape = list(mean.shape[1:])
         bar.update(len(chunk))
@@ -241,7 +239,7 @@ def encode_split(split: str, urls: list[str], first_stage: FirstStage, cfg: Dict
     with tempfile.TemporaryDirectory(prefix=f".{split}-", dir=out_dir) as tmp, bar:
         for url, target in zip(urls, targets):
             with wds.TarWriter(str(Path(tmp) / target.name), encoder=False, mtime=_TAR_MTIME) as sink:
-                counts = encode_shard(url, sink, first_stage, cfg, identity, autocast, device, bar, text, captions)
+                counts = encode_shard(url, sink, first_stage, cfg, identity, autocast, device, bar, captions)
             totals["num_samples"] += counts["written"]
             totals["num_skipped"] += counts["skipped"]
             shape = shape or counts["shape"]

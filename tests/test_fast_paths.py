@@ -12,9 +12,11 @@ from functools import partial
 import hydra
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.models.diffusion import LatentDiffusion
+from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.unet import UNetModel
 from ldm.optim import build_optimizer
 from tests.hydra_helpers import CONFIG_DIR
@@ -145,3 +147,29 @@ def test_channels_last_unet_matches_the_contiguous_one():
     out_fast.square().mean().backward()
     for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_cpu_bf16_autocast_takes_attention_and_gelu_in_fp32(monkeypatch):
+    """Under ``torch.autocast("cpu", bfloat16)`` (``trainer.precision=bf16-mixed`` on a CPU) the matrix products run in
+    bf16 but SDPA and GELU get fp32 inputs (the CPU's bf16 kernels for both are the slow ones); without autocast
+    every call sees the model's own dtype."""
+    seen = {"sdpa": [], "gelu": []}
+    sdpa, gelu = F.scaled_dot_product_attention, F.gelu
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen["sdpa"].append((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, **kw))
+    monkeypatch.setattr(F, "gelu", lambda x, *a, **kw: seen["gelu"].append(x.dtype) or gelu(x, *a, **kw))
+    torch.manual_seed(0)
+    unet = randomize_(UNetModel(**{**UNET, "num_classes": None, "adm_in_channels": None}))
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 128)
+    reference = unet(x, t, ctx)
+    assert seen["sdpa"] and seen["gelu"] and all(d == torch.float32 for s in seen["sdpa"] for d in s)
+    seen["sdpa"].clear(), seen["gelu"].clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(x, t, ctx)
+    blocks = sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
+    assert len(seen["sdpa"]) == 2 * blocks and len(seen["gelu"]) == blocks  # self + cross attention, GEGLU
+    assert all(d == torch.float32 for s in seen["sdpa"] for d in s) and set(seen["gelu"]) == {torch.float32}
+    # the result is still the bf16-mixed one: close to fp32 at bf16 precision, and it trains
+    assert ((out.float() - reference).norm() / reference.norm()).item() < 3e-2
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unet.parameters() if p.requires_grad)

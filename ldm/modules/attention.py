@@ -13,6 +13,11 @@ official checkpoints load without renaming:
 - ``QKVAttentionBlock`` (U-Net without cross-attention): ``norm``, ``qkv``, ``proj_out`` (Conv1d)
 
 Attention is Vaswani et al. 2017, eq. 1: ``softmax(Q K^T / sqrt(d)) V``.
+
+bf16-mixed on a CPU: the matrix products (Linear, conv) run in bf16 (AMX / AVX-512-BF16 make them several times
+faster than fp32), but CPU kernels for bf16 attention and GELU are much slower than their fp32 forms (the flash-
+attention backward about 8x, GELU about 18x, measured on torch 2.14). Under CPU autocast these two therefore compute
+in fp32 (``_cpu_autocast``); on GPUs, and without autocast, nothing changes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,29 @@ def normalization(channels: int, num_groups: int = 32, eps: float = 1e-6) -> nn.
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(groups, channels, eps=eps, affine=True)
+
+
+def _cpu_autocast(t: torch.Tensor) -> bool:
+    """True inside ``torch.autocast("cpu")`` for a CPU tensor: where bf16 attention / GELU kernels are slow."""
+    if t.device.type != "cpu":
+        return False
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` by ``F.scaled_dot_product_attention`` (Vaswani et al. 2017, eq. 1).
+
+    q: [B, H, N, D], k, v: [B, H, M, D] -> [B, H, N, D] in q's dtype. Under CPU autocast the product is
+    taken in fp32 (the CPU's bf16 flash-attention kernels are the slow ones; fp32 is also the more exact).
+    """
+    if _cpu_autocast(q):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def maybe_checkpoint(module: nn.Module, enabled: bool, fn, *args):
@@ -81,7 +109,7 @@ class CrossAttention(nn.Module):
         attn_mask = None
         if mask is not None:  # mask: [B, M] True = attend
             attn_mask = mask[:, None, None, :].to(torch.bool)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, D]
+        out = attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, D]
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
 
@@ -93,7 +121,9 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
+        x, gate = self.proj(x).chunk(2, dim=-1)  # [..., dim_out] each
+        if _cpu_autocast(x):  # fp32 on a CPU under autocast (see the module docstring); the next Linear casts back
+            return x.float() * F.gelu(gate.float())
         return x * F.gelu(gate)
 
 
@@ -240,7 +270,7 @@ class AttnBlock(nn.Module):
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         # [B, C, H, W] -> [B, 1, H*W, C] (views)
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, H*W, C]
+        out = attention(q, k, v)  # [B, 1, H*W, C]
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
@@ -289,6 +319,6 @@ class QKVAttentionBlock(nn.Module):
             q, k, v = qkv.view(b, 3, heads, ch, h * w).unbind(1)  # each [B, heads, ch, T]
         else:
             q, k, v = qkv.view(b, heads, 3 * ch, h * w).split(ch, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         out = out.transpose(-1, -2).reshape(b, c, h * w)  # [B, heads, T, ch] -> [B, C, T]
         return (x_flat + self.proj_out(out)).view(b, c, h, w)

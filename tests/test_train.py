@@ -107,6 +107,27 @@ def test_bf16_mixed_run_on_cpu(compose_train):
     assert Path(cfg.paths.output_dir, "checkpoints", "last.ckpt").exists()
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_quickstart_precision_follows_the_cpu(compose_train, monkeypatch, amx):
+    """``${cpu_precision:}``: bf16-mixed where the CPU has AMX-BF16, fp32 elsewhere; the command line still wins."""
+    monkeypatch.setattr("ldm.utils.precision.cpu_has_amx_bf16", lambda: amx)
+    for experiment in ("quickstart_autoencoder", "quickstart_ldm"):
+        assert compose_train([f"experiment={experiment}"]).trainer.precision == ("bf16-mixed" if amx else "32-true")
+    assert compose_train(["experiment=quickstart_ldm", "trainer.precision=32-true"]).trainer.precision == "32-true"
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx512_bf16 amx_bf16 amx_tile", True), ("fpu avx2 avx512_bf16", False)])
+def test_amx_is_read_off_the_cpu_flags(monkeypatch, tmp_path, flags, expected):
+    from ldm.utils import precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(precision.sys, "platform", "linux")
+    monkeypatch.setattr(precision, "Path", lambda _path: cpuinfo)
+    assert precision.cpu_has_amx_bf16() is expected
+    assert precision.cpu_precision() == ("bf16-mixed" if expected else "32-true")
+
+
 def test_resume_continues_step_count(compose_train):
     cfg = compose_train(["experiment=quickstart_autoencoder", "trainer.max_steps=3", "trainer.val_check_interval=3",
                          "trainer.limit_val_batches=1"])

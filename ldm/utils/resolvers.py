@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ldm.utils.precision import cpu_precision
+
 
 def wandb_has_credentials() -> bool:
     """True when W&B can authenticate: WANDB_API_KEY or a `wandb login` entry in ~/.netrc."""
@@ -50,6 +52,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("wandb_group"):
         OmegaConf.register_new_resolver("wandb_group", wandb_group)
+    if not OmegaConf.has_resolver("cpu_precision"):
+        # trainer.precision of CPU experiments: bf16-mixed where the CPU has AMX, else 32-true
+        OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
     if not OmegaConf.has_resolver("eval"):
         # arithmetic in configs, e.g. ${eval:'${data.batch_size} * 2'}
         OmegaConf.register_new_resolver("eval", lambda expr: eval(expr, {"__builtins__": {}}, {}))

@@ -54,8 +54,11 @@ def image_shards(image_cfg, shards: int) -> list[str]:
 
 def write_cache(model, urls: list[str], image_size: int, out: Path) -> str:
     """Encode the image shards ``urls`` with the model's own encoders into ``out``; the latent shards' pattern."""
-    encode_cfg = OmegaConf.create({"batch_size": 256, "out": str(out), "force": True, "precision": "fp32",
-                                   "progress": False, "data": {"image_size": image_size}})
+    # scripts/encode_latents.py's own defaults (configs/encode_latents.yaml), so a new option reaches the benchmark
+    defaults = OmegaConf.load(ROOT / "configs" / "encode_latents.yaml")
+    encode_cfg = OmegaConf.create({"batch_size": defaults.batch_size, "caption_memory_mb": defaults.caption_memory_mb,
+                                   "out": str(out), "force": True, "precision": "fp32", "progress": False,
+                                   "data": {"image_size": image_size}})
     text = (model.cond_stage_model.eval(), text_encoder_identity(model.cond_stage_model))
     summary = encode_split("train", urls, model.first_stage_model.eval(), encode_cfg,
                            model.first_stage_identity(), torch.device("cpu"), text)

@@ -114,6 +114,7 @@ def test_quickstart_precision_follows_the_cpu(compose_train, monkeypatch, amx):
     for experiment in ("quickstart_autoencoder", "quickstart_ldm"):
         assert compose_train([f"experiment={experiment}"]).trainer.precision == ("bf16-mixed" if amx else "32-true")
     assert compose_train(["experiment=quickstart_ldm", "trainer.precision=32-true"]).trainer.precision == "32-true"
+    assert compose_train(["experiment=quickstart_ldm", "trainer=gpu"]).trainer.precision == "bf16-mixed"  # GPU: as gpu.yaml
 
 
 @pytest.mark.parametrize("flags, expected", [("fpu avx512_bf16 amx_bf16 amx_tile", True), ("fpu avx2 avx512_bf16", False)])

@@ -14,8 +14,8 @@ official checkpoints load without renaming:
 
 Attention is Vaswani et al. 2017, eq. 1: ``softmax(Q K^T / sqrt(d)) V``.
 
-bf16-mixed on a CPU: the matrix products (Linear, conv) run in bf16 (AMX / AVX-512-BF16 make them several times
-faster than fp32), but CPU kernels for bf16 attention and GELU are much slower than their fp32 forms (the flash-
+bf16-mixed on a CPU: the matrix products (Linear, conv) run in bf16 (AMX makes them several times faster than
+fp32), but CPU kernels for bf16 attention and GELU are much slower than their fp32 forms (the flash-
 attention backward about 8x, GELU about 18x, measured on torch 2.14). Under CPU autocast these two therefore compute
 in fp32 (``_cpu_autocast``); on GPUs, and without autocast, nothing changes.
 """

@@ -2,10 +2,11 @@
 
 On a CPU with AMX (Intel Sapphire Rapids and later) oneDNN runs bf16 matrix products and convolutions several
 times faster than fp32 ones (BENCHMARKS.md, "bf16-mixed on a CPU with AMX"); elsewhere (most laptops: AVX2, or
-ARM) bf16 would be emulated and slower, so those CPUs keep fp32. Configs ask for it as ``${cpu_precision:}``::
+ARM) bf16 would be emulated and slower, so those CPUs keep fp32. Configs ask for it with the trainer's
+accelerator, so the same experiment on a GPU (``trainer=gpu``) keeps that trainer's bf16-mixed::
 
     trainer:
-      precision: ${cpu_precision:}     # "bf16-mixed" on AMX CPUs, "32-true" elsewhere
+      precision: ${cpu_precision:${trainer.accelerator}}   # AMX CPU: bf16-mixed; other CPU: 32-true; GPU: bf16-mixed
 
 ``trainer.precision=32-true`` on the command line overrides it as usual.
 """
@@ -30,6 +31,12 @@ def cpu_has_amx_bf16() -> bool:
     return bool(probe()) if probe is not None else False
 
 
-def cpu_precision() -> str:
-    """Lightning ``precision`` for CPU training: ``"bf16-mixed"`` with AMX-BF16, else ``"32-true"``."""
+def cpu_precision(accelerator: str = "cpu") -> str:
+    """Lightning ``precision`` for ``accelerator``: on the CPU ``"bf16-mixed"`` with AMX-BF16, else ``"32-true"``;
+    on an accelerator (``gpu``, ``cuda``, or ``auto`` with CUDA present) ``"bf16-mixed"``, as ``configs/trainer/gpu.yaml``."""
+    if accelerator != "cpu":
+        import torch
+
+        if accelerator != "auto" or torch.cuda.is_available():
+            return "bf16-mixed"
     return "bf16-mixed" if cpu_has_amx_bf16() else "32-true"

@@ -53,7 +53,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wandb_group"):
         OmegaConf.register_new_resolver("wandb_group", wandb_group)
     if not OmegaConf.has_resolver("cpu_precision"):
-        # trainer.precision of CPU experiments: bf16-mixed where the CPU has AMX, else 32-true
+        # ${cpu_precision:${trainer.accelerator}}: bf16-mixed on AMX CPUs and GPUs, else 32-true
         OmegaConf.register_new_resolver("cpu_precision", cpu_precision)
     if not OmegaConf.has_resolver("eval"):
         # arithmetic in configs, e.g. ${eval:'${data.batch_size} * 2'}

@@ -109,7 +109,8 @@ def test_bf16_mixed_run_on_cpu(compose_train):
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_quickstart_precision_follows_the_cpu(compose_train, monkeypatch, amx):
-    """``${cpu_precision:}``: bf16-mixed where the CPU has AMX-BF16, fp32 elsewhere; the command line still wins."""
+    """``${cpu_precision:${trainer.accelerator}}``: on the CPU bf16-mixed with AMX-BF16, fp32 elsewhere; the command line
+    still wins; with trainer=gpu bf16-mixed."""
     monkeypatch.setattr("ldm.utils.precision.cpu_has_amx_bf16", lambda: amx)
     for experiment in ("quickstart_autoencoder", "quickstart_ldm"):
         assert compose_train([f"experiment={experiment}"]).trainer.precision == ("bf16-mixed" if amx else "32-true")

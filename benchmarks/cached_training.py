@@ -95,18 +95,20 @@ def main() -> None:
         model.train()
         cfgs = {"online (images, both encoders every step)": image_cfg, "cached latents + text": cached_cfg}
         seconds = {name: [] for name in cfgs}
+        workers: dict[str, int] = {}
         for r in range(args.rounds):
             for name in (list(cfgs) if r % 2 == 0 else list(reversed(cfgs))):
                 cfg = cfgs[name]
-                wall, _ = fit_seconds_per_step(cfg, model, hydra.utils.instantiate(cfg.data, _convert_="all"),
-                                               args.steps, args.warmup)
+                datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+                wall, _ = fit_seconds_per_step(cfg, model, datamodule, args.steps, args.warmup)
                 seconds[name].append(wall)
+                workers[name] = datamodule.num_workers  # data.num_workers, "auto" resolved
                 print(f"round {r + 1} {name}: {wall * 1e3:.0f} ms per step", flush=True)
         batch = int(image_cfg.data.batch_size)
 
     online, cached = (statistics.median(v) for v in seconds.values())
     lines = [f"`Trainer.fit` of `experiment={args.experiment}` (callbacks, CSV logger, data workers "
-             f"{image_cfg.data.num_workers}), batch {batch}, {args.shards} image shards and their cache; median of "
+             f"{image_cfg.data.num_workers}: {' / '.join(map(str, workers.values()))}), batch {batch}, {args.shards} image shards and their cache; median of "
              f"{args.rounds} alternating rounds of {args.steps} steps after {args.warmup} warm-up. "
              f"torch threads: {torch.get_num_threads()}; load average at the end: {load_average()}.", "",
              "| input | s per step (rounds) | samples/s | vs online |", "|---|---|---:|---:|"]

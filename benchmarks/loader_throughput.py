@@ -44,6 +44,7 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))  # paths.root_dir without a Hyd
 import ldm.utils.resolvers  # noqa: E402,F401  (registers the resolvers the configs use)
 from _report import append_markdown  # noqa: E402  (benchmarks/_report.py)
 from ldm.data.webdataset import WebDataModule  # noqa: E402
+from ldm.data.workers import AUTO, auto_num_workers  # noqa: E402
 
 DEFAULT_CONSUMERS = ["quickstart_autoencoder", "photos_autoencoder"]
 
@@ -178,6 +179,8 @@ def compare(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = compose_experiment(name, args.data_dir)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     configured = data.get("num_workers", 0)
+    if configured == AUTO:  # what a training run of this consumer would start (ldm/data/workers.py)
+        configured = auto_num_workers(on_cpu=args.accelerator == "cpu")
     rates = loader_rates(data, sorted({configured, *args.workers}), args, name)
     best_workers = max(rates, key=rates.get)
     batch = next(iter(build_datamodule(data, num_workers=0).train_dataloader()))  # one real batch

@@ -12,7 +12,9 @@ is trained, in one process, by three drivers in turn (alternating order, rounds)
   configured ``data.num_workers``).
 
 Each fit times the steps after ``--warmup`` (from the start of the first timed batch to the end of the last, so
-data loading between batches counts; setup and the final checkpoint do not; validation is off). The table gives
+data loading between batches counts; setup and the final checkpoint do not; validation is off). The default
+warm-up, 3 steps plus the batches in which webdataset's shuffle buffer fills (it reads two samples per sample
+until full), times the loader as it runs for the rest of a long fit; ``--warmup 3`` times the fill as well. The table gives
 the median seconds per step, samples/s and each driver's throughput relative to the bare step, in wall time and in
 CPU time of this process (all its threads, not the loader's worker processes): on a CPU shared with other jobs
 the CPU column still shows the loop's own overhead when the wall clock mostly shows the neighbours.
@@ -29,6 +31,7 @@ init unless ``model.first_stage_config.ckpt_path=...`` is passed: weights do not
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -174,6 +177,22 @@ def bare_seconds_per_step(model, batches: list[dict], steps: int, warmup: int, t
     return tuple((end - begin) / steps for begin, end in zip(start, clocks(device)))
 
 
+def shard_loader_fit(cfg: DictConfig, model: L.LightningModule, steps: int, warmup: int,
+                     resolved_workers: list[int]) -> tuple[float, float]:
+    """``fit_seconds_per_step`` on the experiment's data module; appends its worker count (``auto`` resolved)."""
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    seconds = fit_seconds_per_step(cfg, model, datamodule, steps, warmup)
+    resolved_workers.append(datamodule.num_workers)
+    return seconds
+
+
+def steady_state_warmup(data_cfg: DictConfig, batch_size: int) -> int:
+    """Untimed steps until the shard loader runs as it does for the rest of a long fit: 3, plus the batches in
+    which webdataset's shuffle buffer fills (``wds.shuffle`` reads two samples per sample it yields until it
+    holds ``shuffle_buffer``; a fit of thousands of steps pays that once, a 20-step window every batch)."""
+    return 3 + math.ceil(int(data_cfg.get("shuffle_buffer") or 0) / batch_size)
+
+
 def preload_batches(cfg: DictConfig, n: int) -> list[dict]:
     """``n`` batches from the experiment's own training loader (the same data the loop reads)."""
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all", num_workers=0)
@@ -190,7 +209,8 @@ def main() -> None:
     parser.add_argument("--overrides", nargs="*", default=[], help="extra train.py overrides (key=value)")
     parser.add_argument("--batch-size", type=int, default=None, help="data.batch_size (default: the experiment's)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per driver and round")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps at the start of every run (default: 3 + the shuffle buffer's fill)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median over them)")
     parser.add_argument("--drivers", nargs="+", choices=DRIVERS, default=list(DRIVERS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
@@ -208,15 +228,17 @@ def main() -> None:
         device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") else "cpu"
         model.to(device)
         batches = preload_batches(cfg, 4)
+        loader_workers: list[int] = []  # data.num_workers as resolved by each shard-loader fit ("auto")
         batch_size = len(batches[0]["caption"])
+        if args.warmup is None:
+            args.warmup = steady_state_warmup(cfg.data, batch_size)
         # the bare loop reads batches already on the device; the in-memory fit gets CPU ones (Lightning moves them)
         on_device = [move_data_to_device(b, device) for b in batches]
         runs = {
             "bare step": lambda: bare_seconds_per_step(model, on_device, args.steps, args.warmup, cfg.trainer),
             "fit, batches in memory": lambda: fit_seconds_per_step(
                 cfg, model, InMemoryData(batches, args.warmup + args.steps), args.steps, args.warmup),
-            "fit, shard loader": lambda: fit_seconds_per_step(
-                cfg, model, hydra.utils.instantiate(cfg.data, _convert_="all"), args.steps, args.warmup),
+            "fit, shard loader": lambda: shard_loader_fit(cfg, model, args.steps, args.warmup, loader_workers),
         }
         runs = {k: v for k, v in runs.items() if k in args.drivers}
         times = {k: [] for k in runs}
@@ -228,7 +250,9 @@ def main() -> None:
                 print(f"round {r + 1}: {key}: {wall * 1e3:.0f} ms/step (CPU {cpu * 1e3:.0f} ms)", file=sys.stderr,
                       flush=True)
 
-    workers = cfg.data.get("num_workers", 0)
+    configured = cfg.data.get("num_workers", 0)
+    resolved = sorted(set(loader_workers))
+    workers = f"{configured} ({', '.join(map(str, resolved))})" if resolved and resolved != [configured] else configured
     med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     med_cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     ref, ref_cpu = med.get("bare step"), med_cpu.get("bare step")

@@ -17,6 +17,7 @@ from ldm.callbacks.skipped_samples import SkippedSamplesCallback
 from ldm.data.shards import write_shards
 from ldm.data.synthetic import ShapesSource
 from ldm.data.transforms import ImageTransform, decode_image, to_rgb
+from ldm.data import workers
 from ldm.data.webdataset import WebDataModule
 
 SIZE = 16
@@ -233,3 +234,41 @@ def test_skipped_samples_callback_sums_counts(tmp_path):
     restored = SkippedSamplesCallback()
     restored.load_state_dict(json.loads(json.dumps(callback.state_dict())))
     assert restored.totals["train"]["n_skipped"] == 4
+
+
+@pytest.mark.parametrize("cores, threads, processes, expected", [
+    (2, 2, 1, 0),    # every core trains: load in the training process
+    (2, 1, 1, 1),    # OMP_NUM_THREADS=1 on two cores: one idle core, one worker
+    (16, 4, 2, 4),   # two processes of 4 threads leave 8 cores: 4 workers each
+    (64, 1, 1, 8),   # capped
+])
+def test_auto_workers_on_the_cpu_use_only_cores_torch_leaves_idle(monkeypatch, cores, threads, processes, expected):
+    monkeypatch.setattr(workers, "usable_cores", lambda: cores)
+    monkeypatch.setattr(workers.torch, "get_num_threads", lambda: threads)
+    assert workers.auto_num_workers(on_cpu=True, processes=processes) == expected
+
+
+@pytest.mark.parametrize("cores, processes, expected", [(16, 1, 8), (16, 4, 3), (2, 1, 1), (8, 8, 1)])
+def test_auto_workers_beside_a_gpu_use_the_spare_cores(monkeypatch, cores, processes, expected):
+    monkeypatch.setattr(workers, "usable_cores", lambda: cores)
+    assert workers.auto_num_workers(on_cpu=False, processes=processes) == expected
+
+
+@pytest.mark.parametrize("bad", ["two", -1, True, 1.5])
+def test_bad_num_workers_is_refused_naming_the_choices(bad):
+    with pytest.raises(ValueError, match="integer >= 0 or 'auto'"):
+        make_dm(val="v.tar", num_workers=bad)
+
+
+@pytest.mark.parametrize("idle_cores, expected", [(0, 0), (1, 1)])
+def test_auto_workers_resolve_for_the_trainer_the_data_is_fitted_with(monkeypatch, shapes_dir, idle_cores, expected):
+    monkeypatch.setattr(workers, "usable_cores", lambda: torch.get_num_threads() + idle_cores)
+    dm = make_dm(train=str(shapes_dir / "train-{000000..000003}.tar"), val=str(shapes_dir / "val-000000.tar"),
+                 num_workers="auto", batches_per_epoch=3)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyModel(), datamodule=dm)
+    assert trainer.global_step == 3
+    assert dm.num_workers == expected
+    loader = dm.train_dataloader()
+    assert loader.num_workers == expected and loader.persistent_workers == (expected > 0)

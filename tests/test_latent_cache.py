@@ -220,3 +220,33 @@ def test_bad_cache_samples_are_skipped_and_counted(cache, tmp_path):
     assert sum(int(b["n_skipped"]) for b in batches) == len(broken)
     assert not {s["__key__"] for s in broken} & {k for b in batches for k in b["key"]}
     assert not canary.exists()  # the pickle was refused as a corrupt payload, never run
+
+
+def test_finiteness_check_catches_nan_and_infinities_but_not_large_values():
+    from ldm.data.latents import _all_finite
+
+    large = torch.full((77, 1024), 65504.0, dtype=torch.float16)  # float16's largest: a float16 sum would overflow
+    assert _all_finite(torch.zeros(4, 8, 8), large, large.float() * 1e30)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensor = torch.zeros(4, 8, 8, dtype=torch.float16)
+        tensor[1, 2, 3] = bad
+        assert not _all_finite(torch.zeros(3), tensor)
+    opposite = torch.zeros(2, dtype=torch.float16)
+    opposite[0], opposite[1] = float("inf"), float("-inf")  # they sum to NaN, still caught
+    assert not _all_finite(opposite)
+
+
+def test_a_batch_carries_each_source_once_and_a_single_foreign_sample_is_still_refused():
+    from ldm.data.latents import BatchLatents
+    from ldm.data.stages import SkipCounter
+    from ldm.models.latent_source import check_latent_sources
+
+    ours, foreign = {"encoder_sha256": "a" * 64}, {"encoder_sha256": "b" * 64}
+    samples = [{"key": str(i), "latent_mean": torch.zeros(4, 2, 2), "latent_logvar": torch.zeros(4, 2, 2),
+                "caption": "x", "empty_caption": False, "latent_source": dict(ours if i != 5 else foreign)}
+               for i in range(8)]
+    batch = BatchLatents(8, SkipCounter("t"), partial=False).collate(samples)
+    assert batch["latent_source"] == [ours, foreign]
+    check_latent_sources(batch["latent_source"][:1], ours)
+    with pytest.raises(LatentSourceMismatch):
+        check_latent_sources(batch["latent_source"], ours)

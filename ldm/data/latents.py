@@ -21,7 +21,8 @@ The tensors are one safetensors payload: nothing is ever unpickled, and one smal
 and header parsing cheap (decoding it takes ~20 us; two ``.npy`` files take ~180 us at 8x8x4). Batches are dicts
 ``{"latent_mean": HalfTensor [B, C, h, w], "latent_logvar": [B, C, h, w], "caption", "key",
 "latent_source": list[dict], "n_skipped", "n_empty_caption"}`` (+ ``"text_context"`` [B, L, D], ``"text_pooled"``
-[B, P] float16 and ``"text_source": list[dict]`` from a text cache); ``LatentDiffusion`` samples
+[B, P] float16 and ``"text_source": list[dict]`` from a text cache; each source list holds the batch's distinct
+identities, usually one); ``LatentDiffusion`` samples
 z = mean + exp(logvar / 2) * eps from them (a fresh draw every step, as with online encoding) and
 checks ``latent_source`` against its own first stage; it uses cached text instead of its text encoder after
 checking ``text_source`` (:class:`ldm.models.text_cache.CachedTextConditioning`). Bad samples are skipped and
@@ -33,6 +34,7 @@ text tensors, or with one but no text tensors), a caption that is not UTF-8.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
@@ -94,6 +96,12 @@ def load_text_uncond(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict
         return f.get_tensor("context"), f.get_tensor("pooled"), json.loads(f.metadata()[TEXT_SOURCE_FIELD])
 
 
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """True when no element is NaN or infinite. One float64 sum per tensor (NaN and infinities survive a sum;
+    float64 cannot overflow on float16/32 inputs) costs a third of ``isfinite(t).all()`` on these small tensors."""
+    return all(math.isfinite(t.sum(dtype=torch.float64)) for t in tensors)
+
+
 def _moments_problem(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
     """Why a decoded payload is not a usable (mean, logvar) pair (+ optional text pair), else None."""
     if set(tensors) not in ({"mean", "logvar"}, {"mean", "logvar", *TEXT_TENSORS}):
@@ -104,7 +112,7 @@ def _moments_problem(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
         return f"latent tensors must be floating point, got {mean.dtype} / {logvar.dtype}"
     if mean.ndim != 3 or mean.shape != logvar.shape:
         return f"latent tensors must both be [C, h, w], got {list(mean.shape)} / {list(logvar.shape)}"
-    if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+    if not _all_finite(mean, logvar):
         return "latent tensors contain NaN or infinity"
     return None
 
@@ -125,7 +133,7 @@ def _text_problem(tensors: Mapping[str, torch.Tensor], source: Any) -> Optional[
     expected = [source.get("context_shape"), source.get("pooled_shape")]
     if context.ndim != 2 or pooled.ndim != 1 or shapes != expected:
         return f"text tensors must be [L, D] / [P] = {expected[0]} / {expected[1]}, got {shapes[0]} / {shapes[1]}"
-    if not (torch.isfinite(context).all() and torch.isfinite(pooled).all()):
+    if not _all_finite(context, pooled):
         return "text tensors contain NaN or infinity"
     return None
 
@@ -198,6 +206,16 @@ class DecodeLatents:
             yield sample
 
 
+def distinct(sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The different dicts of ``sources``, in first-seen order: a batch carries each encoder identity once (one for
+    a cache from one autoencoder), not 64 equal copies that every batch transfer and check would walk."""
+    unique: list[dict[str, Any]] = []
+    for source in sources:
+        if source not in unique:
+            unique.append(source)
+    return unique
+
+
 class BatchLatents(BatchSamples):
     """Decoded latent samples -> batches (same emission and skip-count rules as image batches)."""
 
@@ -206,14 +224,14 @@ class BatchLatents(BatchSamples):
         if "text_context" in samples[0]:  # DecodeLatents keeps a stream all-text or no-text
             text = {"text_context": torch.stack([s["text_context"] for s in samples]),  # [B, L, D] float16
                     "text_pooled": torch.stack([s["text_pooled"] for s in samples]),  # [B, P] float16
-                    "text_source": [s["text_source"] for s in samples]}
+                    "text_source": distinct([s["text_source"] for s in samples])}
         return {
             **text,
             "latent_mean": torch.stack([s["latent_mean"] for s in samples]),  # [B, C, h, w] float16
             "latent_logvar": torch.stack([s["latent_logvar"] for s in samples]),  # [B, C, h, w] float16
             "caption": [s["caption"] for s in samples],
             "key": [s["key"] for s in samples],
-            "latent_source": [s["latent_source"] for s in samples],
+            "latent_source": distinct([s["latent_source"] for s in samples]),
             "n_skipped": torch.tensor(self.counter.take(), dtype=torch.long),
             "n_empty_caption": torch.tensor(sum(s["empty_caption"] for s in samples), dtype=torch.long),
         }
@@ -237,7 +255,7 @@ class LatentDataModule(WebDataModule):
         val_shards: Shards | None,
         batch_size: int,
         val_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         shuffle_buffer: int = 1000,
         shardshuffle: int | bool = 100,
         resampled: bool = True,

@@ -108,7 +108,8 @@ def main() -> None:
 
     online, cached = (statistics.median(v) for v in seconds.values())
     lines = [f"`Trainer.fit` of `experiment={args.experiment}` (callbacks, CSV logger, data workers "
-             f"{image_cfg.data.num_workers}: {' / '.join(map(str, workers.values()))}), batch {batch}, {args.shards} image shards and their cache; median of "
+             f"{image_cfg.data.num_workers}: {' / '.join(map(str, workers.values()))}), batch {batch}, "
+             f"{args.shards} image shards and their cache; median of "
              f"{args.rounds} alternating rounds of {args.steps} steps after {args.warmup} warm-up. "
              f"torch threads: {torch.get_num_threads()}; load average at the end: {load_average()}.", "",
              "| input | s per step (rounds) | samples/s | vs online |", "|---|---|---:|---:|"]

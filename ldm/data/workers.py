@@ -8,7 +8,7 @@ A loader worker on one of them does not overlap with the step: it preempts one c
 parallel region then waits for that thread, so the step stalls for the worker's whole time slice and the
 process switches and batch transfers come on top. Loading in the training process (0 workers) costs only its
 own CPU time. Measured on a 2-core CPU (BENCHMARKS.md, "Loader workers on the CPU"): the quickstart's
-``Trainer.fit`` on image shards kept 78.5 % of the bare step's samples/s with 1 worker and 90.6 % with 0. So on
+``Trainer.fit`` on image shards kept 89.8 % of the bare step's samples/s with 1 worker and 94.4 % with 0. So on
 a CPU ``auto`` starts workers only on cores torch leaves idle, e.g. ``OMP_NUM_THREADS=1`` on a 2-core machine
 gives 1 worker (``scripts/pipeline.sh`` trains stages 0 and 1 side by side that way).
 

@@ -17,7 +17,8 @@ warm-up, 3 steps plus the batches in which webdataset's shuffle buffer fills (it
 until full), times the loader as it runs for the rest of a long fit; ``--warmup 3`` times the fill as well.
 The table gives the median seconds per step, samples/s and each driver's throughput relative to the bare step,
 in wall time and in CPU time of this process (all its threads, not the loader's worker processes): on a CPU
-shared with other jobs the CPU column still shows the loop's own overhead when the wall clock mostly shows the neighbours.
+shared with other jobs the CPU column still shows the loop's own overhead when the wall clock mostly shows the
+neighbours.
 Aim: the loop keeps >= 90% of the bare step's samples/s.
 
     python benchmarks/loop_overhead.py --threads 1                    # quickstart_ldm, CPU

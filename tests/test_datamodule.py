@@ -272,3 +272,62 @@ def test_auto_workers_resolve_for_the_trainer_the_data_is_fitted_with(monkeypatc
     assert dm.num_workers == expected
     loader = dm.train_dataloader()
     assert loader.num_workers == expected and loader.persistent_workers == (expected > 0)
+
+
+def epoch_keys(dm, epochs=2):
+    """The training keys of ``epochs`` epochs of a fresh loader, per epoch."""
+    loader = dm.train_dataloader()
+    return [[key for batch in loader for key in batch["key"]] for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("resampled,num_workers,persistent", [(True, 0, None), (False, 0, None), (True, 2, True),
+                                                              (True, 2, False)])
+def test_seeded_data_order_repeats_across_runs_and_changes_per_epoch(shapes_dir, monkeypatch, resampled, num_workers,
+                                                                     persistent):
+    """data.seed (or the run's seed) fixes the shard draws and shuffle buffers: two runs read the same keys in the
+    same order, epochs differ, another seed differs; with workers too, persistent or not."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    shards = str(shapes_dir / "train-{000000..000003}.tar")
+
+    def run(seed):
+        dm = make_dm(train=shards, seed=seed, resampled=resampled, num_workers=num_workers,
+                     persistent_workers=persistent, shardshuffle=4)
+        dm.setup("fit")
+        return epoch_keys(dm)
+
+    first, again, other = run(7), run(7), run(8)
+    assert first == again
+    assert first[0] != first[1]  # a new draw every epoch
+    assert first != other
+    assert len(first[0]) == 5 * 4 and len(set(first[0] + first[1])) > 10
+
+
+def test_run_seed_seeds_the_data_order_and_none_leaves_it_fresh(shapes_dir, monkeypatch):
+    """Without data.seed the run's seed (PL_GLOBAL_SEED, as lightning.seed_everything exports it) is used;
+    with neither, each run draws its own order."""
+    shards = str(shapes_dir / "train-{000000..000003}.tar")
+
+    def run():
+        dm = make_dm(train=shards)
+        dm.setup("fit")
+        return epoch_keys(dm, epochs=1)
+
+    L.seed_everything(3)
+    assert run() == run()
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert len({tuple(run()[0]) for _ in range(4)}) > 1
+
+
+def test_loader_epoch_starts_at_the_trainers_epoch(shapes_dir, monkeypatch):
+    """A resumed run (trainer.current_epoch = 3) goes on with epoch 3's order, not epoch 0's."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    shards = str(shapes_dir / "train-{000000..000003}.tar")
+    dm = make_dm(train=shards, seed=1)
+    dm.setup("fit")
+    four = epoch_keys(dm, epochs=4)
+
+    class Resumed:
+        current_epoch, world_size, num_devices = 3, 1, 1
+
+    dm.trainer = Resumed()
+    assert epoch_keys(dm, epochs=1) == four[3:]

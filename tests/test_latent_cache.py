@@ -21,7 +21,7 @@ from omegaconf import open_dict
 from safetensors.torch import save as save_tensors
 
 from ldm.data.latents import LATENTS_KEY, LatentDataModule, moments_bytes
-from ldm.data.webdataset import WebDataModule
+from ldm.data.webdataset import WebDataModule, expand_shards
 from ldm.models.first_stage import FirstStage
 from ldm.models.latent_source import LatentSourceMismatch, encoder_fingerprint
 from tests.hydra_helpers import CONFIG_DIR, compose_train_config, tiny_shards
@@ -250,3 +250,79 @@ def test_a_batch_carries_each_source_once_and_a_single_foreign_sample_is_still_r
     check_latent_sources(batch["latent_source"][:1], ours)
     with pytest.raises(LatentSourceMismatch):
         check_latent_sources(batch["latent_source"], ours)
+
+
+def memory_and_stream_agree(pattern: str, n_samples: int) -> None:
+    """The in-memory cache serves every training sample's own tensors, captions and identities as the stream does;
+    each pass over it is a permutation (no sample twice), seeded, and DDP ranks split it without overlap."""
+    stream = LatentDataModule(pattern, None, batch_size=BATCH, samples_per_epoch=n_samples, in_memory=False,
+                              shuffle_buffer=0, resampled=False)
+    stream.setup("fit")
+    by_key = {key: (batch, i) for batch in stream.train_dataloader() for i, key in enumerate(batch["key"])}
+    assert len(by_key) == n_samples
+
+    def memory(seed: int, world_size: int = 1):
+        dm = LatentDataModule(pattern, None, batch_size=BATCH, samples_per_epoch=n_samples, seed=seed)
+        dm.trainer = type("T", (), {"world_size": world_size, "num_devices": world_size, "current_epoch": 0})()
+        dm.setup("fit")
+        assert dm.holds_in_memory(expand_shards(pattern))  # auto: a small local cache
+        return dm
+
+    loader = memory(seed=5).train_dataloader()
+    assert loader.num_workers == 0 and len(loader) == n_samples // BATCH
+    epochs = [list(loader) for _ in range(2)]
+    for batches in epochs:
+        keys = [k for b in batches for k in b["key"]]
+        assert sorted(keys) == sorted(by_key)  # one pass = each sample once
+    assert [b["key"] for b in epochs[0]] != [b["key"] for b in epochs[1]]
+    assert [b["key"] for b in epochs[0]] == [b["key"] for b in memory(seed=5).train_dataloader()]
+    assert [b["key"] for b in epochs[0]] != [b["key"] for b in memory(seed=6).train_dataloader()]
+    for batch in epochs[0]:
+        assert set(batch) == set(next(iter(by_key.values()))[0]) and batch["latent_mean"].dtype == torch.float16
+        for i, key in enumerate(batch["key"]):
+            ref, j = by_key[key]
+            assert batch["caption"][i] == ref["caption"][j]
+            names = [n for n in ("latent_mean", "latent_logvar", "text_context", "text_pooled") if n in batch]
+            assert all(torch.equal(batch[n][i], ref[n][j]) for n in names)
+        assert batch["latent_source"] == [by_key[batch["key"][0]][0]["latent_source"][0]]
+
+    halves = []
+    for rank in range(2):  # what each of two DDP ranks reads (pytorch_worker_info reads RANK / WORLD_SIZE)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("RANK", str(rank)), env.setenv("WORLD_SIZE", "2")
+            halves.append([k for b in memory(seed=5, world_size=2).train_dataloader() for k in b["key"]])
+    assert len(halves[0]) == len(halves[1]) == n_samples // 2 and not set(halves[0]) & set(halves[1])
+
+
+def test_the_in_memory_cache_serves_what_the_stream_does(cache):
+    memory_and_stream_agree(cache["train"], 128)
+
+
+def test_in_memory_is_auto_by_size_and_counts_skips(cache, tmp_path):
+    urls = expand_shards(cache["train"])
+    assert not LatentDataModule(cache["train"], None, batch_size=BATCH, samples_per_epoch=64,
+                                memory_mb=0).holds_in_memory(urls)  # auto, and the cache is larger than 0 MiB
+    assert not LatentDataModule(cache["train"], None, batch_size=BATCH, samples_per_epoch=64,
+                                in_memory=False).holds_in_memory(urls)
+    assert LatentDataModule(cache["train"], None, batch_size=BATCH, samples_per_epoch=64,
+                            in_memory=True, memory_mb=0).holds_in_memory(urls)
+    with pytest.raises(ValueError, match="in_memory must be"):
+        LatentDataModule(cache["train"], None, batch_size=BATCH, samples_per_epoch=64, in_memory="yes")
+
+    with tarfile.open(cache["summaries"]["val"]["shards"][0]) as tar:  # 2 undecodable samples among 32
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    shard = tmp_path / "bad-000000.tar"
+    with wds.TarWriter(str(shard), encoder=False) as sink:
+        samples: dict[str, dict] = {}
+        for name, data in members.items():
+            key, ext = name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = data
+        for i, sample in enumerate(samples.values()):
+            if i in (3, 17):
+                sample = {**sample, LATENTS_KEY: b"not safetensors"}
+            sink.write(sample)
+    dm = LatentDataModule(str(shard), None, batch_size=BATCH, samples_per_epoch=24)
+    dm.setup("fit")
+    first, second = list(dm.train_dataloader()), list(dm.train_dataloader())
+    assert len(dm._table) == 30 and sum(int(b["n_skipped"]) for b in first) == 2  # reported once
+    assert sum(int(b["n_skipped"]) for b in second) == 0

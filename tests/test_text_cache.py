@@ -235,3 +235,9 @@ def test_train_py_fits_stage_2_from_a_text_and_latent_cache(cache, tmp_path):
     assert identity["checkpoint_kind"] == "diffusion"
     check_text_sources([cache["summaries"]["train"]["text_source"]], identity)
     assert identity["weights_sha256"] == text_encoder_identity(objects["model"].cond_stage_model)["weights_sha256"]
+
+
+def test_the_in_memory_text_cache_serves_what_the_stream_does(cache):
+    from tests.test_latent_cache import memory_and_stream_agree
+
+    memory_and_stream_agree(cache["train"], 128)

@@ -34,6 +34,7 @@ text tensors, or with one but no text tensors), a caption that is not UTF-8.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -45,6 +46,8 @@ from safetensors.torch import save as save_tensors
 
 from ldm.data.stages import BatchSamples, SkipCounter
 from ldm.data.webdataset import Shards, WebDataModule
+
+log = logging.getLogger(__name__)
 
 LATENTS_KEY = "latents.safetensors"
 SOURCE_FIELD = "latent_source"
@@ -242,6 +245,10 @@ class LatentDataModule(WebDataModule):
 
     Same shard handling as :class:`~ldm.data.webdataset.WebDataModule` (patterns, resampling, epochs,
     DDP/worker splitting, skip counting); there is no image transform, so no crop, flip or ``build``.
+
+    ``in_memory``: hold the training cache in memory (:mod:`ldm.data.latent_memory`: decoded once, batches by
+    index, no loader workers) instead of streaming it. ``"auto"`` does when every training shard is a local file
+    and together they take at most ``memory_mb`` MiB; ``true`` always, ``false`` never. Validation streams.
     """
 
     shard_hint = (
@@ -264,13 +271,49 @@ class LatentDataModule(WebDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
         prefetch_factor: int | None = None,
+        seed: int | None = None,
+        in_memory: bool | str = "auto",
+        memory_mb: int = 1024,
     ):
+        if in_memory not in (True, False, "auto"):
+            raise ValueError(f"in_memory must be true, false or 'auto', got {in_memory!r}")
         super().__init__(
             train_shards, val_shards, image_size=None, batch_size=batch_size, val_batch_size=val_batch_size,
             num_workers=num_workers, shuffle_buffer=shuffle_buffer, shardshuffle=shardshuffle, resampled=resampled,
             batches_per_epoch=batches_per_epoch, samples_per_epoch=samples_per_epoch, pin_memory=pin_memory,
-            persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, seed=seed,
         )
+        self.in_memory, self.memory_mb = in_memory, int(memory_mb)
+        self.hparams.update(in_memory=in_memory, memory_mb=self.memory_mb)
+        self._table = None  # the training cache once loaded (a curriculum's rebuilds reuse it)
+
+    def holds_in_memory(self, urls: list[str]) -> bool:
+        """Whether the training cache is held in memory (``in_memory``, and for ``auto`` its size on disk)."""
+        if self.in_memory != "auto":
+            return bool(self.in_memory)
+        paths = [Path(u.removeprefix("file:")) for u in urls]
+        if not all(p.is_file() for p in paths):  # remote or piped shards: stream them
+            return False
+        return sum(p.stat().st_size for p in paths) <= self.memory_mb * 2**20
+
+    def _make_train(self, urls: list[str]) -> Any:
+        if not self.holds_in_memory(urls):
+            return super()._make_train(urls)
+        from ldm.data.latent_memory import InMemoryLatents, load_latent_table  # it builds on this module
+
+        if self._table is None:
+            self._table = load_latent_table(urls)
+            log.info("latent cache in memory: %d samples from %d shard(s), %.0f MiB (%d skipped)",
+                     len(self._table), len(urls), self._table.nbytes() / 2**20, self._table.n_skipped)
+        return InMemoryLatents(self._table, self.train_option("batch_size"), self.train_batches_per_epoch(),
+                               self._data_epochs(), world_size=self._world_size())
+
+    def train_dataloader(self) -> Any:
+        from ldm.data.latent_memory import InMemoryLatents
+
+        if isinstance(self.train_dataset, InMemoryLatents):
+            return self._loader(self.train_dataset, num_workers=0)
+        return super().train_dataloader()
 
     def _sample_stages(self, counter: SkipCounter, train: bool) -> list[Any]:
         batch_size = self.train_option("batch_size") if train else self.hparams.val_batch_size

@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from ldm.data.seeding import DataEpochs, EpochLoader, SeededPipeline, SeededShards, SeededShuffle, resolve_seed
 from ldm.data.shards import build_embedded_shards
 from ldm.data.stages import BatchSamples, DecodeSamples, SkipCounter, TakeWorkerShare
 from ldm.data.transforms import ImageTransform
@@ -118,14 +119,14 @@ def _own_arguments(frame: Any) -> dict[str, Any]:
     return {name: info.locals[name] for name in info.args[1:]}
 
 
-class EpochPipeline(wds.DataPipeline):
+class EpochPipeline(SeededPipeline):
     """A pipeline with ``__len__`` = batches per epoch, so Lightning knows the epoch length.
 
     (``DataPipeline.with_length`` builds a class at runtime, which spawn-started workers cannot unpickle.)
     """
 
-    def __init__(self, *stages: Any, length: int):
-        super().__init__(*stages)
+    def __init__(self, *stages: Any, length: int, epochs: DataEpochs):
+        super().__init__(*stages, epochs=epochs)
         self.length = length
 
     def __len__(self) -> int:
@@ -163,6 +164,8 @@ class WebDataModule(L.LightningDataModule):
         build: embedded-source spec for :func:`ldm.data.shards.build_embedded_shards`; when given,
             ``prepare_data`` writes the shards if the patterns match no file.
         build_dir: where ``build`` writes (default: the folder of ``train_shards``).
+        seed: the training stream's data-order seed (:mod:`ldm.data.seeding`); None takes the run's ``seed``
+            (``lightning.seed_everything``), and without one the order is fresh each run.
 
     Subclasses that read another payload (e.g. cached latents, :mod:`ldm.data.latents`) override
     :meth:`_sample_stages` and ``shard_hint`` and keep the shard discovery, resampling and epoch logic.
@@ -193,6 +196,7 @@ class WebDataModule(L.LightningDataModule):
         prefetch_factor: int | None = None,
         build: Mapping[str, Any] | None = None,
         build_dir: str | None = None,
+        seed: int | None = None,
     ):
         super().__init__()
         train_shards, val_shards, build = _plain(train_shards), _plain(val_shards), _plain(build)
@@ -328,13 +332,24 @@ class WebDataModule(L.LightningDataModule):
             self.train_dataset = self._make_train(self._check_shards("train"))
         return True
 
+    def _data_epochs(self) -> DataEpochs:
+        """The training stream's seed and epoch (:mod:`ldm.data.seeding`), the seed resolved now (after
+        ``seed_everything``) and logged."""
+        seed = resolve_seed(self.hparams.get("seed"))
+        if seed is None:
+            log.info("training data order: unseeded (set seed or data.seed to make it reproducible)")
+        else:
+            log.info("training data order: seed %d", seed)
+        return DataEpochs(seed)
+
     def _make_train(self, urls: list[str]) -> wds.DataPipeline:
         hp = self.hparams
         counter = SkipCounter("train")
+        epochs = self._data_epochs()
         n_batches = self.train_batches_per_epoch()
         readers = self._world_size() * max(1, self.num_workers)
         if hp.resampled:
-            stages: list[Any] = [wds.ResampledShards(urls)]
+            stages: list[Any] = [SeededShards(urls, epochs)]
         else:
             if len(urls) < readers:
                 raise ValueError(
@@ -345,17 +360,17 @@ class WebDataModule(L.LightningDataModule):
                 log.warning("non-resampled training without batches_per_epoch: DDP ranks may get unequal batches")
             stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
             if hp.shardshuffle:
-                stages.append(wds.shuffle(hp.shardshuffle))
+                stages.append(SeededShuffle(hp.shardshuffle, hp.shardshuffle, epochs, "shard order"))
         stages.append(wds.tarfile_to_samples(handler=counter.handler))
         if hp.shuffle_buffer:
-            stages.append(wds.shuffle(hp.shuffle_buffer, initial=min(hp.shuffle_buffer, 100)))
+            stages.append(SeededShuffle(hp.shuffle_buffer, min(hp.shuffle_buffer, 100), epochs, "samples"))
         stages += self._sample_stages(counter, train=True)
-        pipeline = wds.DataPipeline(*stages)
         if n_batches is None:
-            return pipeline
+            return SeededPipeline(*stages, epochs=epochs)
+        pipeline = wds.DataPipeline(*stages)
         if not hp.resampled:
             pipeline = pipeline.repeat()  # finite shard list: restart it until the epoch is full
-        return EpochPipeline(pipeline, TakeWorkerShare(n_batches), length=n_batches)
+        return EpochPipeline(pipeline, TakeWorkerShare(n_batches), length=n_batches, epochs=epochs)
 
     def _make_val(self, urls: list[str]) -> wds.DataPipeline:
         hp = self.hparams
@@ -390,14 +405,18 @@ class WebDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate", "test") and "val" in patterns:
             self.val_dataset = self._make_val(self._check_shards("val"))
 
-    def _loader(self, dataset: wds.DataPipeline) -> DataLoader:
+    def _loader(self, dataset: Any, num_workers: int | None = None) -> DataLoader:
+        """The DataLoader over a pipeline; ``num_workers`` None: :attr:`num_workers`."""
         hp = self.hparams
-        workers = self.num_workers > 0
-        return DataLoader(
+        num_workers = self.num_workers if num_workers is None else num_workers
+        workers = num_workers > 0
+        trainer = getattr(self, "trainer", None)
+        return EpochLoader(
             dataset,
+            first_epoch=trainer.current_epoch if trainer is not None else 0,
             batch_size=None,  # batching happens inside the pipeline
             collate_fn=batch_as_built,
-            num_workers=self.num_workers,
+            num_workers=num_workers,
             pin_memory=hp.pin_memory,
             persistent_workers=workers and hp.persistent_workers is not False,
             prefetch_factor=hp.prefetch_factor if workers else None,

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.attention import QKVAttentionBlock, SpatialTransformer, maybe_checkpoint, normalization
+from ldm.modules.attention import (QKVAttentionBlock, SpatialTransformer, autocast_dtype, maybe_checkpoint,
+                                   normalization)
 
 # The U-Net's own GroupNorms use torch's default eps (SD's GroupNorm32); the transformers use 1e-6.
 UNET_NORM_EPS = 1e-5
@@ -368,6 +369,8 @@ class UNetModel(nn.Module):
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         self._check_inputs(x, context, y)
+        if context is not None and (dtype := autocast_dtype(context.device.type)) is not None:
+            context = context.to(dtype)  # once here, not in every cross-attention's to_k and to_v (per-call casts)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)

@@ -57,6 +57,7 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ldm.utils.resolvers  # noqa: E402,F401  (registers the resolvers the configs use)
+from ldm.data.latent_memory import InMemoryLatents  # noqa: E402
 from _report import append_markdown, load_average  # noqa: E402  (benchmarks/_report.py)
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers  # noqa: E402
 
@@ -179,11 +180,12 @@ def bare_seconds_per_step(model, batches: list[dict], steps: int, warmup: int, t
 
 
 def shard_loader_fit(cfg: DictConfig, model: L.LightningModule, steps: int, warmup: int,
-                     resolved_workers: list[int]) -> tuple[float, float]:
+                     resolved_workers: list[int | str]) -> tuple[float, float]:
     """``fit_seconds_per_step`` on the experiment's data module; appends its worker count (``auto`` resolved)."""
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     seconds = fit_seconds_per_step(cfg, model, datamodule, steps, warmup)
-    resolved_workers.append(datamodule.num_workers)
+    held = isinstance(datamodule.train_dataset, InMemoryLatents)  # a small latent cache (data.in_memory)
+    resolved_workers.append("cache held in memory" if held else datamodule.num_workers)
     return seconds
 
 
@@ -229,7 +231,7 @@ def main() -> None:
         device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") else "cpu"
         model.to(device)
         batches = preload_batches(cfg, 4)
-        loader_workers: list[int] = []  # data.num_workers as resolved by each shard-loader fit ("auto")
+        loader_workers: list[int | str] = []  # data.num_workers as resolved by each shard-loader fit ("auto")
         batch_size = len(batches[0]["caption"])
         if args.warmup is None:
             args.warmup = steady_state_warmup(cfg.data, batch_size)

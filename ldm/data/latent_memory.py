@@ -7,7 +7,8 @@ stacked tensors, and each batch is one ``index_select`` per tensor.
 
 Order: each epoch continues one endless chain of permutations of the whole cache (without replacement, unlike a
 resampled stream), seeded by :class:`ldm.data.seeding.DataEpochs` (the same on every rank); rank ``r`` of ``W``
-takes the chain's positions ``r, r + W, ...``, so ranks never share a sample within a pass. Bad samples are skipped
+takes the chain's positions ``r, r + W, ...``, so ranks never share a sample within a pass (an unseeded run, no
+``seed`` at all, draws one chain per rank and loses that guarantee). Bad samples are skipped
 and counted while loading, as in the stream, and reported once (rank 0's first batch).
 """
 

@@ -303,8 +303,8 @@ class LatentDataModule(WebDataModule):
 
         if self._table is None:
             self._table = load_latent_table(urls)
-            log.info("latent cache in memory: %d samples from %d shard(s), %.0f MiB (%d skipped)",
-                     len(self._table), len(urls), self._table.nbytes() / 2**20, self._table.n_skipped)
+            log.info("latent cache in memory: %d samples from %d shard(s), %.0f MiB (%d skipped); read without "
+                     "loader workers", len(self._table), len(urls), self._table.nbytes() / 2**20, self._table.n_skipped)
         return InMemoryLatents(self._table, self.train_option("batch_size"), self.train_batches_per_epoch(),
                                self._data_epochs(), world_size=self._world_size())
 

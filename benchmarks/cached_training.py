@@ -19,6 +19,7 @@ seeded random init (the weights do not change the cost).
 
     python benchmarks/cached_training.py                              # quickstart_ldm, 2 image shards
     python benchmarks/cached_training.py --steps 30 --rounds 3 --append BENCHMARKS.md
+    python benchmarks/cached_training.py --overrides model.compile=true   # both inputs with a compiled U-Net
 """
 
 from __future__ import annotations
@@ -79,13 +80,15 @@ def main() -> None:
                         help="untimed steps at the start of every fit (default: past the shuffle buffer's fill)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median over them)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="extra train.py overrides for every input (key=value, e.g. model.compile=true)")
     parser.add_argument("--append", type=Path, default=None, help="append the table to this Markdown file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = throughput_overrides(args.experiment)
+        base = throughput_overrides(args.experiment) + args.overrides
         image_cfg = compose_config(base, Path(tmp) / "online")
         model = build_model(image_cfg, args.autoencoder_experiment)
         urls = image_shards(image_cfg, args.shards)
@@ -121,7 +124,8 @@ def main() -> None:
     lines = [f"`Trainer.fit` of `experiment={args.experiment}` (callbacks, CSV logger, data workers "
              f"{image_cfg.data.num_workers}: {' / '.join(workers.values())}), batch {batch}, "
              f"{args.shards} image shards and their cache; median of "
-             f"{args.rounds} alternating rounds of {args.steps} steps after {args.warmup} warm-up. "
+             f"{args.rounds} alternating rounds of {args.steps} steps after {args.warmup} warm-up"
+             f"{'; overrides: ' + ' '.join(args.overrides) if args.overrides else ''}. "
              f"torch threads: {torch.get_num_threads()}; load average at the end: {load_average()}.", "",
              "| input | s per step (rounds) | samples/s | vs online |", "|---|---|---:|---:|"]
     for name, values in seconds.items():

@@ -92,3 +92,34 @@ def test_trainable_text_encoder_has_an_ema_that_sampling_and_validation_use():
     fresh.fill_missing_text_ema(old)
     fresh.load_state_dict(old)  # strict
     torch.testing.assert_close(fresh.encode_conditioning(prompts, use_ema=True)["context"], raw)
+
+
+def test_compile_switch_trains_the_same_unet_and_keeps_the_checkpoint_layout(monkeypatch):
+    """model.compile=true: the training step runs through the compiled U-Net (dynamo's eager backend here, so the
+    test does not wait for a C++ compiler), gives the plain model's loss, and the state dict (checkpoints) holds the
+    U-Net once, under the same keys as without compiling."""
+    compile_calls = []
+    real_compile = torch.compile
+
+    def eager_compile(module, **kwargs):
+        compile_calls.append(module)
+        return real_compile(module, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    plain = tiny_model()
+    torch.manual_seed(0)
+    compiled = LatentDiffusion(unet_config=UNET, cond_stage_config={"arch": "ldm-tiny-clip"},
+                               first_stage_config={"ddconfig": DDCONFIG, "embed_dim": 4}, ema_decay=None,
+                               latent_norm="none", compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    compiled.eval()  # as tiny_model: no caption dropout in either
+    assert compile_calls == [compiled.unet]
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a red circle", "a blue square"]}
+    losses = []
+    for model in (plain, compiled):
+        torch.manual_seed(1)  # the posterior sample draws from the global generator
+        losses.append(model.diffusion_step(batch, generator=torch.Generator().manual_seed(0))["loss"])
+    torch.testing.assert_close(losses[1], losses[0])
+    losses[1].backward()
+    assert all(p.grad is not None for p in compiled.unet.parameters() if p.requires_grad)

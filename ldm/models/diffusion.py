@@ -107,7 +107,8 @@ class LatentDiffusion(L.LightningModule):
         self.model_ema = EMA(self.model, decay=ema_decay) if ema_decay else None
         trainable_text = ema_decay and not self.cond_stage_model.frozen
         self.cond_stage_ema = EMA(self.cond_stage_model, decay=ema_decay) if trainable_text else None
-        self._compiled_unet = torch.compile(self.unet) if compile else None
+        # not a registered sub-module: its state would repeat the U-Net's under "_compiled_unet._orig_mod.*"
+        object.__setattr__(self, "_compiled_unet", torch.compile(self.unet) if compile else None)
 
         self.schedule = NoiseSchedule.from_config(**(schedule or {}))
 
@@ -365,7 +366,7 @@ class LatentDiffusion(L.LightningModule):
         noise = sample_noise(z0.shape, offset_noise=self.hparams.offset_noise, generator=generator,
                              device=rng_device, dtype=z0.dtype).to(z0.device)
         z_t = self.schedule.q_sample(z0, t, noise)
-        unet = self._compiled_unet or self.unet
+        unet = self.unet if self._compiled_unet is None else self._compiled_unet  # a compiled module has no truth value
         if self.hparams.channels_last:
             z_t = z_t.contiguous(memory_format=torch.channels_last)
         pred = unet(z_t, t, **cond)

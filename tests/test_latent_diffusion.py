@@ -115,6 +115,8 @@ def test_compile_switch_trains_the_same_unet_and_keeps_the_checkpoint_layout(mon
     compiled.eval()  # as tiny_model: no caption dropout in either
     assert compile_calls == [compiled.unet]
     assert list(compiled.state_dict()) == list(plain.state_dict())
+    legacy = {**plain.state_dict(), **{f"_compiled_unet._orig_mod.{k}": v for k, v in plain.unet.state_dict().items()}}
+    compiled.load_state_dict(legacy)  # what compile=true checkpoints held before: the U-Net twice
     batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a red circle", "a blue square"]}
     losses = []
     for model in (plain, compiled):

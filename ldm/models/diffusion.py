@@ -434,6 +434,8 @@ class LatentDiffusion(L.LightningModule):
         self._cached_text.reset()  # the text encoder's weights may change
         for name in ("latent_mix", "latent_unmix"):  # checkpoints from before latent_norm=whiten: identity
             state_dict.setdefault(prefix + name, torch.eye(self.latent_shift.numel()))
+        for key in [k for k in state_dict if k.startswith(prefix + "_compiled_unet.")]:
+            del state_dict[key]  # compile=true runs before 2026-12-05 saved the U-Net a second time there
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -326,3 +326,12 @@ def test_in_memory_is_auto_by_size_and_counts_skips(cache, tmp_path):
     first, second = list(dm.train_dataloader()), list(dm.train_dataloader())
     assert len(dm._table) == 30 and sum(int(b["n_skipped"]) for b in first) == 2  # reported once
     assert sum(int(b["n_skipped"]) for b in second) == 0
+
+
+def test_the_in_memory_cache_refuses_loader_workers(cache):
+    from torch.utils.data import DataLoader
+
+    dm = LatentDataModule(cache["train"], None, batch_size=BATCH, samples_per_epoch=64, in_memory=True)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="without loader workers"):
+        next(iter(DataLoader(dm.train_dataset, batch_size=None, num_workers=1)))

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.data.latents import TEXT_TENSORS, DecodeLatents, distinct
 from ldm.data.seeding import DataEpochs
@@ -45,6 +45,7 @@ class LatentTable:
     text_pooled: Optional[torch.Tensor] = None  # [N, P]
     text_source_index: Optional[torch.Tensor] = None  # [N] long
     text_sources: Optional[list[dict[str, Any]]] = None
+    skips_reported: bool = False  # n_skipped went out in a batch (once per table, across a curriculum's rebuilds)
 
     def __len__(self) -> int:
         return len(self.key)
@@ -115,7 +116,6 @@ class InMemoryLatents(IterableDataset):
         self.batches_per_epoch = batches_per_epoch if batches_per_epoch is not None else per_pass
         self.epochs = epochs
         self.unseeded = torch.randint(0, 2**62, ()).item()  # the chain's seed when ``epochs`` has none
-        self.skips_reported = False
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -157,12 +157,12 @@ class InMemoryLatents(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.epochs.begin()
-        rank, world, worker, _ = wds.utils.pytorch_worker_info()
-        if worker != 0:  # the loader runs it in the training process; a worker would copy the table
+        if get_worker_info() is not None:  # the loader runs it in the training process; a worker copies the table
             raise RuntimeError("InMemoryLatents runs without loader workers (num_workers=0)")
+        rank, world, _, _ = wds.utils.pytorch_worker_info()
         indices = self._indices(rank, world)
         for start in range(0, len(indices), self.batch_size):
             skipped = 0
-            if not self.skips_reported and rank == 0:
-                skipped, self.skips_reported = self.table.n_skipped, True
+            if not self.table.skips_reported and rank == 0:
+                skipped, self.table.skips_reported = self.table.n_skipped, True
             yield self._batch(indices[start:start + self.batch_size], skipped)

@@ -75,16 +75,18 @@ def live_state(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, An
 
 # ---------------------------------------------------------------------------------------------- callbacks
 class StateProbe(L.Callback):
-    """Writes ``{out_dir}/{start,end}-rank{R}.json``: training-state fingerprints and batch counts."""
+    """Writes ``{out_dir}/{start,end}-rank{R}.json``: training-state fingerprints, batch counts and the sample keys
+    trained on."""
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
         self.batches = 0
+        self.keys: list[str] = []
 
     def _dump(self, name: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record = {**live_state(trainer, pl_module), "batches": self.batches, "world_size": trainer.world_size,
-                  "resumed_from": trainer.ckpt_path}
+                  "resumed_from": trainer.ckpt_path, "keys": self.keys}
         (self.out_dir / f"{name}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -92,6 +94,7 @@ class StateProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
+        self.keys.extend(batch.get("key", []))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._dump("end", trainer, pl_module)

@@ -1,4 +1,5 @@
-"""`trainer=ddp_cpu`: two gloo processes train both stages through train.py exactly as users run it.
+"""`trainer=ddp_cpu`: two gloo processes train both stages through train.py exactly as users run it (stage 2 from
+the autoencoder's latent cache held in memory, as the quickstart trains it).
 
 Each rank dumps fingerprints of its final weights, optimizer and scheduler state and its batch count
 (tests.probes.StateProbe); the ranks must agree bit for bit, see the same number of batches, and
@@ -33,12 +34,14 @@ def ddp_shards(tmp_path_factory) -> dict[str, str]:
     return {"train": brace_pattern(out, "train", 4), "val": brace_pattern(out, "val", 2)}
 
 
-def run_ddp(experiment: str, run_dir: Path, shards: dict[str, str], extra: list[str]) -> subprocess.CompletedProcess:
+def run_ddp(experiment: str, run_dir: Path, shards: dict[str, str], extra: list[str],
+            image_data: bool = True) -> subprocess.CompletedProcess:
     args = [
         f"experiment={experiment}", "trainer=ddp_cpu", f"trainer.max_steps={STEPS}",
         f"trainer.val_check_interval={STEPS}", "trainer.limit_val_batches=1",
         "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
-        f"data.train_shards='{shards['train']}'", f"data.val_shards='{shards['val']}'", "data.build=null",
+        f"data.train_shards='{shards['train']}'", f"data.val_shards='{shards['val']}'",
+        *(["data.build=null"] if image_data else []),  # image data configs can build shards; latent ones cannot
         "data.num_workers=0", "data.batch_size=4", "data.val_batch_size=8", "data.samples_per_epoch=64",
         "callbacks.rich_progress_bar=null", "callbacks.model_checkpoint.save_top_k=0",
         "+callbacks.probe._target_=tests.probes.StateProbe", f"+callbacks.probe.out_dir='{run_dir / 'probe'}'",
@@ -78,11 +81,24 @@ def test_ddp_cpu_trains_both_stages_in_lockstep(tmp_path, ddp_shards):
     ae_ckpt = check_ranks_agree(ae_dir, result)
     assert torch.isfinite(ae_ckpt["state_dict"]["latent_std"]).all()  # measured over both ranks' val shards
 
+    # stage 2 as the quickstart trains it: from the autoencoder's latent cache, held in memory on each rank
+    ae_last = ae_dir / "checkpoints" / "last.ckpt"
+    cache_dir = tmp_path / "latents"
+    encode = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "encode_latents.py"), f"ckpt='{ae_last}'", "data=shapes32",
+         f"data.train_shards='{ddp_shards['train']}'", f"data.val_shards='{ddp_shards['val']}'", "data.build=null",
+         f"out='{cache_dir}'", f"hydra.run.dir='{tmp_path / 'encode'}'"],
+        cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300)
+    assert encode.returncode == 0, encode.stderr[-4000:]
     ldm_dir = tmp_path / "ldm"
     ldm_dir.mkdir()
-    result = run_ddp("quickstart_ldm", ldm_dir, ddp_shards, [
-        f"model.first_stage_config.ckpt_path='{ae_dir / 'checkpoints' / 'last.ckpt'}'",
+    cache = {"train": brace_pattern(cache_dir, "train", 4), "val": brace_pattern(cache_dir, "val", 2)}
+    result = run_ddp("quickstart_ldm", ldm_dir, cache, [
+        "data=latents", "data.in_memory=true", f"model.first_stage_config.ckpt_path='{ae_last}'",
         "callbacks.sample_grid=null", "model.ema_decay=0.9",
-    ])
+    ], image_data=False)
     ldm_ckpt = check_ranks_agree(ldm_dir, result)
     assert any(k.startswith("model_ema.") for k in ldm_ckpt["state_dict"])  # the EMA agrees across ranks too
+    keys = [json.loads((ldm_dir / "probe" / f"end-rank{r}.json").read_text())["keys"] for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == STEPS * 4 and not set(keys[0]) & set(keys[1])  # one pass, split

@@ -86,7 +86,8 @@ class SeededShards(IterableDataset):
 
 
 class SeededShuffle:
-    """webdataset's buffer shuffle (``bufsize`` items, yielding from ``initial``) with :class:`DataEpochs`' generator."""
+    """webdataset's buffer shuffle (``bufsize`` items, yielding from ``initial``) with a :class:`DataEpochs`
+    generator."""
 
     def __init__(self, bufsize: int, initial: int, epochs: DataEpochs, stage: str):
         self.bufsize, self.initial = bufsize, initial

@@ -14,8 +14,9 @@ alternating the two in rounds on one model in one process. Each fit times ``--st
 ``--warmup`` (from the first timed batch to the end of the last, so loading between batches counts; setup,
 validation and the final checkpoint do not). The default warm-up runs past the online stream's shuffle-buffer
 fill (``loop_overhead.steady_state_warmup``), for both inputs; a cache small enough to be held in memory
-(``data.in_memory: auto``, :mod:`ldm.data.latent_memory`) is read at setup, outside the window, as in a real run. The first stage is the experiment's autoencoder architecture at a
-seeded random init (the weights do not change the cost).
+(``data.in_memory: auto``, :mod:`ldm.data.latent_memory`) is read at setup, outside the window, as in a real run.
+The cache is also timed streamed (``data.in_memory=false``). The first stage is the experiment's autoencoder
+architecture at a seeded random init (the weights do not change the cost).
 
     python benchmarks/cached_training.py                              # quickstart_ldm, 2 image shards
     python benchmarks/cached_training.py --steps 30 --rounds 3 --append BENCHMARKS.md
@@ -38,13 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from loop_overhead import (build_model, compose_config, fit_seconds_per_step,  # noqa: E402  (benchmarks/)
-                           steady_state_warmup, throughput_overrides)
+                           loader_in_use, steady_state_warmup, throughput_overrides)
 from _report import append_markdown, load_average  # noqa: E402
 from encode_latents import encode_split  # noqa: E402  (scripts/encode_latents.py)
 from ldm.models.text_cache import text_encoder_identity  # noqa: E402
 from ldm.data.shards import brace_pattern  # noqa: E402
 from ldm.data.webdataset import missing_local_shards  # noqa: E402
-from ldm.data.latent_memory import InMemoryLatents  # noqa: E402
 
 
 def image_shards(image_cfg, shards: int) -> list[str]:
@@ -97,13 +97,12 @@ def main() -> None:
         image_pattern = brace_pattern(Path(urls[0]).parent, prefix, len(urls))
         image_cfg = compose_config(base + [f"data.train_shards='{image_pattern}'", "data.val_shards=null"],
                                    Path(tmp) / "online")
-        cached_cfg = compose_config(base + [f"data={args.latents_data}", f"data.train_shards='{pattern}'",
-                                            "data.val_shards=null"], Path(tmp) / "cached")
+        cache = base + [f"data={args.latents_data}", f"data.train_shards='{pattern}'", "data.val_shards=null"]
+        cached_cfg = compose_config(cache, Path(tmp) / "cached")
+        streamed_cfg = compose_config(cache + ["data.in_memory=false"], Path(tmp) / "streamed")
         model.train()
         if args.warmup is None:
             args.warmup = steady_state_warmup(image_cfg.data, int(image_cfg.data.batch_size))
-        streamed_cfg = compose_config(base + [f"data={args.latents_data}", f"data.train_shards='{pattern}'",
-                                              "data.val_shards=null", "data.in_memory=false"], Path(tmp) / "streamed")
         cfgs = {"online (images, both encoders every step)": image_cfg,
                 "cached latents + text, as configured": cached_cfg,
                 "cached latents + text, streamed (`data.in_memory=false`)": streamed_cfg}
@@ -115,8 +114,7 @@ def main() -> None:
                 datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
                 wall, _ = fit_seconds_per_step(cfg, model, datamodule, args.steps, args.warmup)
                 seconds[name].append(wall)
-                held = isinstance(datamodule.train_dataset, InMemoryLatents)
-                workers[name] = "in memory" if held else str(datamodule.num_workers)  # "auto" resolved
+                workers[name] = loader_in_use(datamodule)
                 print(f"round {r + 1} {name}: {wall * 1e3:.0f} ms per step", flush=True)
         batch = int(image_cfg.data.batch_size)
 

@@ -179,13 +179,20 @@ def bare_seconds_per_step(model, batches: list[dict], steps: int, warmup: int, t
     return tuple((end - begin) / steps for begin, end in zip(start, clocks(device)))
 
 
+def loader_in_use(datamodule: L.LightningDataModule) -> str:
+    """How a fitted data module read its training data: "cache held in memory" (a small latent cache,
+    ``data.in_memory``) or its loader worker count (``auto`` resolved)."""
+    if isinstance(datamodule.train_dataset, InMemoryLatents):
+        return "cache held in memory"
+    return str(datamodule.num_workers)
+
+
 def shard_loader_fit(cfg: DictConfig, model: L.LightningModule, steps: int, warmup: int,
-                     resolved_workers: list[int | str]) -> tuple[float, float]:
-    """``fit_seconds_per_step`` on the experiment's data module; appends its worker count (``auto`` resolved)."""
+                     loaders: list[str]) -> tuple[float, float]:
+    """``fit_seconds_per_step`` on the experiment's data module; appends :func:`loader_in_use`."""
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     seconds = fit_seconds_per_step(cfg, model, datamodule, steps, warmup)
-    held = isinstance(datamodule.train_dataset, InMemoryLatents)  # a small latent cache (data.in_memory)
-    resolved_workers.append("cache held in memory" if held else datamodule.num_workers)
+    loaders.append(loader_in_use(datamodule))
     return seconds
 
 
@@ -231,7 +238,7 @@ def main() -> None:
         device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") else "cpu"
         model.to(device)
         batches = preload_batches(cfg, 4)
-        loader_workers: list[int | str] = []  # data.num_workers as resolved by each shard-loader fit ("auto")
+        loader_workers: list[str] = []  # loader_in_use of each shard-loader fit
         batch_size = len(batches[0]["caption"])
         if args.warmup is None:
             args.warmup = steady_state_warmup(cfg.data, batch_size)
@@ -255,7 +262,7 @@ def main() -> None:
 
     configured = cfg.data.get("num_workers", 0)
     resolved = sorted(set(loader_workers))
-    workers = f"{configured} ({', '.join(map(str, resolved))})" if resolved and resolved != [configured] else configured
+    workers = f"{configured} ({', '.join(resolved)})" if resolved and resolved != [str(configured)] else configured
     med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     med_cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     ref, ref_cpu = med.get("bare step"), med_cpu.get("bare step")

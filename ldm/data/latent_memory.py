@@ -14,7 +14,6 @@ and counted while loading, as in the stream, and reported once (rank 0's first b
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -25,9 +24,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ldm.data.latents import TEXT_TENSORS, DecodeLatents, distinct
 from ldm.data.seeding import DataEpochs
 from ldm.data.stages import SkipCounter
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class LatentTable:

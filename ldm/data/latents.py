@@ -45,7 +45,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ldm.data.stages import BatchSamples, SkipCounter
-from ldm.data.webdataset import Shards, WebDataModule
+from ldm.data.webdataset import Shards, WebDataModule, _is_local
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +291,9 @@ class LatentDataModule(WebDataModule):
         """Whether the training cache is held in memory (``in_memory``, and for ``auto`` its size on disk)."""
         if self.in_memory != "auto":
             return bool(self.in_memory)
-        paths = [Path(u.removeprefix("file:")) for u in urls]
-        if not all(p.is_file() for p in paths):  # remote or piped shards: stream them
+        if not all(_is_local(u) for u in urls):  # remote or piped shards: stream them
             return False
-        return sum(p.stat().st_size for p in paths) <= self.memory_mb * 2**20
+        return sum(Path(u.removeprefix("file:")).stat().st_size for u in urls) <= self.memory_mb * 2**20
 
     def _make_train(self, urls: list[str]) -> Any:
         if not self.holds_in_memory(urls):

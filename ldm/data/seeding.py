@@ -14,15 +14,12 @@ own epochs from that stamp.
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from typing import Any, Iterable, Iterator, Optional
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
-
-log = logging.getLogger(__name__)
 
 SEED_ENV = "PL_GLOBAL_SEED"  # what lightning.seed_everything exports
 
@@ -95,7 +92,7 @@ class SeededShuffle:
 
     def __call__(self, items: Iterable[Any]) -> Iterator[Any]:
         rng = self.epochs.rng(self.stage)  # drawn when iteration starts, inside the epoch
-        return wds.filters._shuffle(iter(items), self.bufsize, self.initial, rng)
+        return wds.shuffle(self.bufsize, self.initial, rng=rng)(iter(items))
 
 
 class SeededPipeline(wds.DataPipeline):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.utils.host_memory import keep_freed_memory  # its defaults are configs/extras' host_malloc
+
 
 def append_markdown(path: Path, title: str, body: str) -> None:
     """Append ``body`` under a heading with the command line, machine and date."""
@@ -35,6 +37,9 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock, or this process's CPU time (robust to other jobs on a shared CPU)")
     parser.add_argument("--append", type=Path, default=None, help="append the table to this Markdown file")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc's malloc at its defaults (by default freed host memory is kept for reuse, "
+                             "as train.py does: configs/extras/default.yaml host_malloc)")
 
 
 def apply_speed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -43,6 +48,7 @@ def apply_speed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--clock cpu measures CPU work; time a GPU with the wall clock")
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.host_memory_kept = not args.malloc_defaults and keep_freed_memory()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -55,8 +61,17 @@ def device_label(device_type: str) -> str:
 
 def enabled_speed_flags(args: argparse.Namespace) -> str:
     """The ``add_speed_flags`` switches that are on (``"channels_last, compile"``), or ``"none"``."""
-    switches = (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.bf16))
+    switches = (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.bf16),
+                ("host memory kept", getattr(args, "host_memory_kept", False)))
     return ", ".join(name for name, on in switches if on) or "none"
+
+
+def host_malloc_label(cfg) -> str:
+    """How a run composed from ``cfg`` set up glibc's malloc (``extras.host_malloc``), for a table header."""
+    malloc = (cfg.get("extras") or {}).get("host_malloc")
+    if not malloc:
+        return "glibc malloc defaults"
+    return f"host memory kept (mmap threshold {malloc.mmap_threshold_mb} MiB, trim {malloc.trim_threshold_mb} MiB)"
 
 
 def load_average() -> str:

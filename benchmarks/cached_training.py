@@ -21,6 +21,7 @@ architecture at a seeded random init (the weights do not change the cost).
     python benchmarks/cached_training.py                              # quickstart_ldm, 2 image shards
     python benchmarks/cached_training.py --steps 30 --rounds 3 --append BENCHMARKS.md
     python benchmarks/cached_training.py --overrides model.compile=true   # both inputs with a compiled U-Net
+    python benchmarks/cached_training.py --overrides extras.host_malloc=null   # glibc's malloc defaults
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from loop_overhead import (build_model, compose_config, fit_seconds_per_step,  # noqa: E402  (benchmarks/)
                            loader_in_use, steady_state_warmup, throughput_overrides)
-from _report import append_markdown, load_average  # noqa: E402
+from _report import append_markdown, host_malloc_label, load_average  # noqa: E402
 from encode_latents import encode_split  # noqa: E402  (scripts/encode_latents.py)
 from ldm.models.text_cache import text_encoder_identity  # noqa: E402
+from ldm.utils.run import apply_extras  # noqa: E402
 from ldm.data.shards import brace_pattern  # noqa: E402
 from ldm.data.webdataset import missing_local_shards  # noqa: E402
 
@@ -90,6 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = throughput_overrides(args.experiment) + args.overrides
         image_cfg = compose_config(base, Path(tmp) / "online")
+        apply_extras(image_cfg)  # as train.py: e.g. host memory kept for reuse (extras.host_malloc)
         model = build_model(image_cfg, args.autoencoder_experiment)
         urls = image_shards(image_cfg, args.shards)
         pattern = write_cache(model, urls, int(image_cfg.data.image_size), Path(tmp) / "latents")
@@ -124,7 +127,8 @@ def main() -> None:
              f"{args.shards} image shards and their cache; median of "
              f"{args.rounds} alternating rounds of {args.steps} steps after {args.warmup} warm-up"
              f"{'; overrides: ' + ' '.join(args.overrides) if args.overrides else ''}. "
-             f"torch threads: {torch.get_num_threads()}; load average at the end: {load_average()}.", "",
+             f"{host_malloc_label(image_cfg)}; torch threads: {torch.get_num_threads()}; load average at the end: "
+             f"{load_average()}.", "",
              "| input | s per step (rounds) | samples/s | vs online |", "|---|---|---:|---:|"]
     for name, values in seconds.items():
         med = statistics.median(values)

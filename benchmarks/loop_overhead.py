@@ -58,8 +58,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ldm.utils.resolvers  # noqa: E402,F401  (registers the resolvers the configs use)
 from ldm.data.latent_memory import InMemoryLatents  # noqa: E402
-from _report import append_markdown, load_average  # noqa: E402  (benchmarks/_report.py)
+from _report import append_markdown, host_malloc_label, load_average  # noqa: E402  (benchmarks/_report.py)
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers  # noqa: E402
+from ldm.utils.run import apply_extras  # noqa: E402
 
 DRIVERS = ("bare step", "fit, batches in memory", "fit, shard loader")
 
@@ -234,6 +235,7 @@ def main() -> None:
         if args.batch_size:
             overrides.append(f"data.batch_size={args.batch_size}")
         cfg = compose_config(overrides, Path(tmp))
+        apply_extras(cfg)  # as train.py: e.g. host memory kept for reuse (extras.host_malloc)
         model = build_model(cfg, args.autoencoder_experiment)
         device = "cuda" if cfg.trainer.get("accelerator") in ("gpu", "cuda") else "cpu"
         model.to(device)
@@ -269,7 +271,7 @@ def main() -> None:
     lines = [
         f"{args.experiment}, batch {batch_size}, {device} ({torch.get_num_threads()} threads), shard loader "
         f"num_workers={workers}; median of {args.rounds} alternating rounds of {args.steps} steps after "
-        f"{args.warmup} warm-up; load average {load_average()}",
+        f"{args.warmup} warm-up; {host_malloc_label(cfg)}; load average {load_average()}",
         "",
         "| driver | s/step | samples/s | vs bare step | CPU s/step | vs bare step (CPU) |",
         "|---|---:|---:|---:|---:|---:|",

@@ -12,7 +12,8 @@ forward + backward of both, alternating runs in one process, and prints the medi
 Ratio = diffusers time / ours (> 1: ours is faster). Flags apply to both networks (``--compile`` compiles both, so
 the ratio stays apples-to-apples). ``--clock cpu`` times with this process's CPU time instead of the wall clock:
 on a busy machine the wall clock mostly measures the other jobs, CPU time the step (CPU only; with one thread it
-is the step's compute).
+is the step's compute). Freed host memory is kept for reuse, as ``train.py`` keeps it (``--malloc-defaults``: glibc's
+defaults, under which a process may page-fault its activations in afresh every step).
 """
 
 from __future__ import annotations

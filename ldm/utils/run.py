@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldm.utils.host_memory import keep_freed_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -28,10 +30,12 @@ def check_missing_values(cfg: DictConfig) -> None:
 
 
 def apply_extras(cfg: DictConfig) -> None:
-    """Warnings filter, tag enforcement and a printed config tree (configs/extras/)."""
+    """Warnings filter, tag enforcement, host memory kept for reuse and a printed config tree (configs/extras/)."""
     extras = cfg.get("extras")
     if not extras:
         return
+    if extras.get("host_malloc"):
+        keep_freed_memory(**extras.host_malloc)
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
     if extras.get("enforce_tags") and not cfg.get("tags"):

@@ -14,6 +14,7 @@ shards, as a latent cache and as a latent + text cache, so the step gain can be 
 
     python benchmarks/cached_latents.py                          # quickstart + sd-like, CPU
     python benchmarks/cached_latents.py --configs sd15 --iters 3 --warmup 1   # SD-1.5 at full size (~20 GB)
+    python benchmarks/cached_latents.py --configs sd15 --iters 3 --warmup 1 --bf16   # as bf16-mixed trains it
     python benchmarks/cached_latents.py --configs quickstart --iters 20 --threads 1 --loader
     python benchmarks/cached_latents.py --device cuda --append BENCHMARKS.md
 """
@@ -42,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ldm.utils.resolvers  # noqa: E402,F401  (registers the resolvers the configs use)
 from ldm.models.text_cache import text_encoder_identity  # noqa: E402
 from _report import append_markdown  # noqa: E402  (benchmarks/_report.py)
+from ldm.utils.host_memory import keep_freed_memory  # noqa: E402
 
 # name -> (train.py overrides, autoencoder experiment for the first stage or None, image side, batch)
 CONFIGS = {
@@ -100,10 +102,14 @@ def make_batches(model, image_size: int, batch: int, device: torch.device) -> di
     return {"images": {"image": images, "caption": captions}, "cached latents": cached, "latents + text": with_text}
 
 
-def train_step(model, optimizer, batch: dict) -> None:
-    """What Lightning runs per batch for LatentDiffusion (without its bookkeeping)."""
+def train_step(model, optimizer, batch: dict, bf16: bool = False) -> None:
+    """What Lightning runs per batch for LatentDiffusion (without its bookkeeping); with ``bf16`` the forward runs
+    under bf16 autocast and the backward outside it, as ``trainer.precision=bf16-mixed`` does."""
     optimizer.zero_grad(set_to_none=True)
-    model.diffusion_step(batch)["loss"].backward()
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model.diffusion_step(batch)["loss"]
+    loss.backward()
     optimizer.step()
     if model.model_ema is not None:
         model.model_ema.update(model.model)
@@ -121,7 +127,7 @@ def bench_step(name: str, args, device: torch.device) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            train_step(model, optimizer, batches[key])
+            train_step(model, optimizer, batches[key], args.bf16)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= args.warmup:
@@ -195,6 +201,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (1 gives stable numbers on a machine shared with other jobs)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast over the forward (bf16-mixed)")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc's malloc at its defaults (by default freed host memory is kept for reuse, "
+                             "as train.py does)")
     parser.add_argument("--loader", action="store_true", help="also time both data modules (32 px shapes)")
     parser.add_argument("--loader-samples", type=int, default=2048)
     parser.add_argument("--loader-repeats", type=int, default=3)
@@ -204,9 +214,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    memory_kept = not args.malloc_defaults and keep_freed_memory()
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    lines = [f"Device: {where}. Median of {args.iters} training steps per input after {args.warmup} warm-up, "
+    setup = f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'host memory kept' if memory_kept else 'glibc malloc'}"
+    lines = [f"Device: {where}; {setup}. Median of {args.iters} training steps per input after {args.warmup} warm-up, "
              "alternating images (both encoders every step), cached latents (text encoder every step) and cached "
              "latents + text (no encoder) on the same model in one process. Speed-up: over images.", "",
              "| config | batch | image px | latent | U-Net | AE encoder | text encoder | step, images | "

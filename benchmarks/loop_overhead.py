@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from itertools import cycle, islice
 from pathlib import Path
 
@@ -110,19 +111,20 @@ def clocks(device: torch.device) -> tuple[float, float]:
 
 
 class StepWindow(L.Callback):
-    """Wall and process CPU time from the start of batch ``warmup`` to the end of the last batch of the fit."""
+    """``read(device)`` (default :func:`clocks`: wall and process CPU time) at the start of batch ``warmup`` and
+    at the end of the last batch of the fit."""
 
-    def __init__(self, warmup: int, last: int):
-        self.warmup, self.last = warmup, last
+    def __init__(self, warmup: int, last: int, read: Callable[[torch.device], tuple[float, ...]] = clocks):
+        self.warmup, self.last, self.read = warmup, last, read
         self.start = self.end = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step == self.warmup and self.start is None:
-            self.start = clocks(pl_module.device)
+            self.start = self.read(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step == self.last:
-            self.end = clocks(pl_module.device)
+            self.end = self.read(pl_module.device)
 
 
 class InMemoryData(L.LightningDataModule):
@@ -136,9 +138,11 @@ class InMemoryData(L.LightningDataModule):
         return DataLoader(list(islice(cycle(self.batches), self.steps)), batch_size=None)  # each item is a batch
 
 
-def fit_seconds_per_step(cfg: DictConfig, model, datamodule, steps: int, warmup: int) -> tuple[float, float]:
-    """``Trainer.fit`` for ``warmup + steps`` optimizer steps with the configured callbacks and loggers."""
-    window = StepWindow(warmup, warmup + steps)
+def fit_seconds_per_step(cfg: DictConfig, model, datamodule, steps: int, warmup: int,
+                         read: Callable[[torch.device], tuple[float, ...]] = clocks) -> tuple[float, ...]:
+    """``Trainer.fit`` for ``warmup + steps`` optimizer steps with the configured callbacks and loggers; what
+    ``read`` measures (default: wall and CPU seconds) per timed step."""
+    window = StepWindow(warmup, warmup + steps, read)
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + [window]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg.get("logger")),
                                       max_steps=warmup + steps)

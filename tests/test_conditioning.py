@@ -8,9 +8,10 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.convert.text_encoder import extract_open_clip_text_state, hf_text_to_open_clip, open_clip_text_to_hf
-from ldm.modules.clip_configs import TINY_CLIP_CONFIGS, create_clip_model, register_clip_configs
+from ldm.modules.clip_configs import TINY_CLIP_CONFIGS, create_clip_model, register_clip_configs, run_sequence_first
 from ldm.modules.conditioning import OpenCLIPTextEncoder
 
 ARCH = "ldm-tiny-clip"
@@ -225,3 +226,46 @@ def test_text_towers_are_compared_by_configuration_not_name():
     assert same_text_tower("ldm-tiny-clip", "ldm-tiny-clip-64")
     assert not same_text_tower("ldm-tiny-clip", "ldm-small-clip")  # width 256 x 6
     assert not same_text_tower("ldm-tiny-clip", "no-such-arch")
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_towers_run_sequence_first_with_the_same_outputs():
+    torch.manual_seed(0)
+    clip = create_clip_model(ARCH)
+    assert not clip.transformer.batch_first and not clip.visual.transformer.batch_first
+    images, tokens = torch.randn(2, 3, 32, 32), open_clip.get_tokenizer(ARCH)(PROMPTS)  # [2, 3, 32, 32], [2, 77]
+    encoder = OpenCLIPTextEncoder(ARCH, layer="penultimate")
+    with torch.no_grad():
+        sequence_first = (clip.encode_image(images), clip.encode_text(tokens), *encoder.encode(PROMPTS).values())
+        run_sequence_first(clip, False)
+        run_sequence_first(encoder, False)
+        batch_first = (clip.encode_image(images), clip.encode_text(tokens), *encoder.encode(PROMPTS).values())
+    for ours, theirs in zip(sequence_first, batch_first):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_text_tower_under_bf16_autocast_never_expands_its_weights():
+    """Batch-first, a frozen tower's attention in-projection ran as bmm over the weight expanded per token."""
+    torch.manual_seed(0)
+    encoder = OpenCLIPTextEncoder(ARCH, context_length=16)  # frozen
+    reference = OpenCLIPTextEncoder(ARCH, context_length=16)
+    run_sequence_first(reference, False)
+    counts = []
+    for tower in (encoder, reference):
+        with _OpCounter() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+            tower.encode(PROMPTS)
+        counts.append(ops.calls.get("bmm", 0))
+    layers = TINY_CLIP_CONFIGS[ARCH]["text_cfg"]["layers"]
+    assert counts == [0, layers], counts  # the reference shows what the layout avoids: one per block

@@ -99,8 +99,8 @@ def text_transformer(model: open_clip.CLIP, tokens: torch.Tensor) -> tuple[torch
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)  # [B, L, D]
     attn_mask = model.attn_mask[:length, :length]
     batch_first = getattr(model.transformer, "batch_first", True)
-    if not batch_first:  # older open_clip versions run the transformer sequence-first
-        x = x.transpose(0, 1)
+    if not batch_first:  # sequence-first (clip_configs.run_sequence_first; open_clip before 2.24)
+        x = x.transpose(0, 1).contiguous()  # [L, B, D]
     blocks = model.transformer.resblocks
     for block in blocks[:-1]:
         x = block(x, attn_mask=attn_mask)

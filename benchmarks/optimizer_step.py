@@ -1,11 +1,13 @@
-"""AdamW implementations (for-loop, ``foreach=True``, ``fused=True``) and the EMA update on a U-Net's parameters.
+"""AdamW implementations (for-loop, ``foreach=True``, ``fused=True``) and the EMA update on a model's parameters.
 
-Builds the U-Net of a ``benchmarks/unet_step.py`` config, gives every parameter a seeded random gradient and times
+Builds the U-Net of a ``benchmarks/unet_step.py`` config (or, ``--config clip-tiny``, stage 0's open_clip model
+``ldm-tiny-clip``, whose 6.3M-parameter token embedding is most of it), gives every parameter a seeded random gradient and times
 ``optimizer.step()`` of the three AdamW implementations (the decay / no-decay groups of ``ldm.optim.build_optimizer``,
 as ``configure_optimizers`` makes them), alternating in one process, plus ``ldm.modules.ema.EMA.update``; then checks
 that the three updates agree. The switch is ``model.optimizer.fused=true`` (or ``foreach=true``) in the model config.
 
     python benchmarks/optimizer_step.py --threads 1 --clock cpu
+    python benchmarks/optimizer_step.py --config clip-tiny --threads 1 --clock cpu
     python benchmarks/optimizer_step.py --config sd15 --device cuda --append BENCHMARKS.md
 """
 
@@ -32,11 +34,21 @@ from ldm.modules.unet import UNetModel  # noqa: E402
 from ldm.optim import build_optimizer  # noqa: E402
 
 IMPLEMENTATIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+CLIP_CONFIGS = {"clip-tiny": "ldm-tiny-clip"}  # name -> open_clip architecture (configs/model/clip_tiny.yaml)
+
+
+def build_network(config: str) -> torch.nn.Module:
+    """The U-Net of a ``unet_step.py`` config, or the open_clip CLIP model of a ``CLIP_CONFIGS`` one."""
+    if config in CLIP_CONFIGS:
+        from ldm.modules.clip_configs import create_clip_model
+
+        return create_clip_model(CLIP_CONFIGS[config])
+    return UNetModel(**CONFIGS[config][0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=list(CONFIGS), default="quickstart")
+    parser.add_argument("--config", choices=[*CONFIGS, *CLIP_CONFIGS], default="quickstart")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine)")
@@ -51,12 +63,11 @@ def main() -> None:
     device = torch.device(args.device)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    params = CONFIGS[args.config][0]
     torch.manual_seed(0)
-    start = UNetModel(**params).state_dict()
+    start = build_network(args.config).state_dict()
     runs = {}
     for name, kwargs in IMPLEMENTATIONS.items():
-        net = UNetModel(**params).to(device)
+        net = build_network(args.config).to(device)
         net.load_state_dict(start)
         generator = torch.Generator().manual_seed(1)
         for p in net.parameters():  # the same gradients for every implementation
@@ -82,7 +93,8 @@ def main() -> None:
 
     net = runs["for-loop"][0]
     med = {k: statistics.median(v) for k, v in times.items()}
-    lines = [f"{args.config} U-Net: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters in "
+    kind = "CLIP" if args.config in CLIP_CONFIGS else "U-Net"
+    lines = [f"{args.config} {kind}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters in "
              f"{len(list(net.parameters()))} tensors; {device_label(device.type)}; {args.clock} clock, median of {args.iters} alternating "
              f"steps after 2 warm-up; load average {load_average()}",
              "",

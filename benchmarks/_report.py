@@ -37,9 +37,24 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock, or this process's CPU time (robust to other jobs on a shared CPU)")
     parser.add_argument("--append", type=Path, default=None, help="append the table to this Markdown file")
+    add_malloc_flag(parser)
+
+
+def add_malloc_flag(parser: argparse.ArgumentParser) -> None:
+    """``--malloc-defaults``: opt out of keeping freed host memory, which :func:`keep_host_memory` applies."""
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="leave glibc's malloc at its defaults (by default freed host memory is kept for reuse, "
                              "as train.py does: configs/extras/default.yaml host_malloc)")
+
+
+def keep_host_memory(args: argparse.Namespace) -> bool:
+    """Keep freed host memory for reuse as train.py does, unless ``--malloc-defaults``; True where applied."""
+    return not args.malloc_defaults and keep_freed_memory()
+
+
+def malloc_label(kept: bool) -> str:
+    """``"host memory kept"`` or ``"glibc malloc defaults"``, for a table header."""
+    return "host memory kept" if kept else "glibc malloc defaults"
 
 
 def apply_speed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -48,7 +63,7 @@ def apply_speed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--clock cpu measures CPU work; time a GPU with the wall clock")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.host_memory_kept = not args.malloc_defaults and keep_freed_memory()
+    args.host_memory_kept = keep_host_memory(args)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -42,8 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ldm.utils.resolvers  # noqa: E402,F401  (registers the resolvers the configs use)
 from ldm.models.text_cache import text_encoder_identity  # noqa: E402
-from _report import append_markdown  # noqa: E402  (benchmarks/_report.py)
-from ldm.utils.host_memory import keep_freed_memory  # noqa: E402
+from _report import add_malloc_flag, append_markdown, keep_host_memory, malloc_label  # noqa: E402  (benchmarks/)
 
 # name -> (train.py overrides, autoencoder experiment for the first stage or None, image side, batch)
 CONFIGS = {
@@ -202,9 +201,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (1 gives stable numbers on a machine shared with other jobs)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast over the forward (bf16-mixed)")
-    parser.add_argument("--malloc-defaults", action="store_true",
-                        help="leave glibc's malloc at its defaults (by default freed host memory is kept for reuse, "
-                             "as train.py does)")
+    add_malloc_flag(parser)
     parser.add_argument("--loader", action="store_true", help="also time both data modules (32 px shapes)")
     parser.add_argument("--loader-samples", type=int, default=2048)
     parser.add_argument("--loader-repeats", type=int, default=3)
@@ -214,10 +211,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    memory_kept = not args.malloc_defaults and keep_freed_memory()
+    memory_kept = keep_host_memory(args)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    setup = f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'host memory kept' if memory_kept else 'glibc malloc'}"
+    setup = f"{'bf16 autocast' if args.bf16 else 'fp32'}, {malloc_label(memory_kept)}"
     lines = [f"Device: {where}; {setup}. Median of {args.iters} training steps per input after {args.warmup} warm-up, "
              "alternating images (both encoders every step), cached latents (text encoder every step) and cached "
              "latents + text (no encoder) on the same model in one process. Speed-up: over images.", "",

@@ -28,10 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _report import append_markdown, load_average  # noqa: E402  (benchmarks/_report.py)
+from _report import add_malloc_flag, append_markdown, keep_host_memory, load_average, malloc_label  # noqa: E402
 from ldm.modules.clip_configs import run_sequence_first  # noqa: E402
 from ldm.modules.conditioning import OpenCLIPTextEncoder  # noqa: E402
-from ldm.utils.host_memory import keep_freed_memory  # noqa: E402
 
 # name -> (open_clip architecture, quick_gelu, context length, prompts per batch)
 CONFIGS = {
@@ -81,17 +80,16 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed encodes per layout, precision and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median over them)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--malloc-defaults", action="store_true",
-                        help="leave glibc's malloc at its defaults (by default freed host memory is kept, as train.py)")
+    add_malloc_flag(parser)
     parser.add_argument("--append", type=Path, default=None, help="append the table to this Markdown file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    kept = not args.malloc_defaults and keep_freed_memory()
+    kept = keep_host_memory(args)
 
     lines = [f"Frozen `OpenCLIPTextEncoder.encode` (random weights, no_grad), cpu ({torch.get_num_threads()} threads), "
              f"median of {args.rounds} alternating rounds of {args.iters} encodes; "
-             f"{'host memory kept' if kept else 'glibc malloc defaults'}; load average {load_average()}. "
+             f"{malloc_label(kept)}; load average {load_average()}. "
              "Max |difference| of the context between layouts in fp32.", "",
              "| config | arch | prompts x tokens | params | layout | fp32 ms | bf16 autocast ms | max diff |",
              "|---|---|---|---:|---|---:|---:|---:|"]

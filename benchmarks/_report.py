@@ -52,6 +52,22 @@ def keep_host_memory(args: argparse.Namespace) -> bool:
     return not args.malloc_defaults and keep_freed_memory()
 
 
+def add_alternating_cpu_flags(parser: argparse.ArgumentParser) -> None:
+    """``--rounds``, ``--threads``, ``--malloc-defaults`` and ``--append`` of the scripts that time variants in
+    alternating rounds on a CPU; :func:`start_alternating_cpu_run` applies them."""
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median over them)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_malloc_flag(parser)
+    parser.add_argument("--append", type=Path, default=None, help="append the table to this Markdown file")
+
+
+def start_alternating_cpu_run(args: argparse.Namespace) -> bool:
+    """Set torch's threads (``--threads``) and keep freed host memory (unless ``--malloc-defaults``); True where kept."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return keep_host_memory(args)
+
+
 def malloc_label(kept: bool) -> str:
     """``"host memory kept"`` or ``"glibc malloc defaults"``, for a table header."""
     return "host memory kept" if kept else "glibc malloc defaults"

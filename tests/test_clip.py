@@ -105,6 +105,26 @@ def test_image_features_are_unit_norm_and_survive_a_safe_reload(trained):
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
 
 
+def test_the_clip_stage_trains_and_validates_under_bf16_mixed(tmp_path):
+    """bf16-mixed features are bf16; the zero-shot metric multiplies them with class features computed outside
+    autocast (fp32), which failed at the first validation before the features were kept in fp32."""
+    torch.manual_seed(0)
+    module = CLIPModule(ARCH, zero_shot={"template": "a {} square", "classes": list(COLORS)},
+                        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0))
+    loss0, _ = evaluate(module, batch_of_all())
+    module.train()
+    trainer = L.Trainer(max_steps=20, accelerator="cpu", precision="bf16-mixed", logger=False,
+                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, val_check_interval=20, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=DataLoader(ColorSquares(), batch_size=len(COLORS), shuffle=True),
+                val_dataloaders=DataLoader(ColorSquares(), batch_size=4))
+    metrics = trainer.callback_metrics
+    loss1, _ = evaluate(module, batch_of_all())
+    assert loss1 < 0.8 * loss0, (loss0, loss1)
+    assert 0.0 <= float(metrics["val/zero_shot_top1"]) <= 1.0 and metrics["val/zero_shot_skipped"] == 0
+
+
 def test_retrieval_counts_repeated_captions_as_correct():
     img = torch.eye(4)
     txt = torch.eye(4)[[1, 0, 2, 3]]  # images 0 and 1 retrieve each other's text

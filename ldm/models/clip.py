@@ -130,7 +130,9 @@ class CLIPModule(L.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         loss, img, txt = self.contrastive_loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
-        self._val_outputs.append((img, txt, list(batch["caption"])))
+        # features in fp32 whatever the precision (bf16-mixed gives bf16): the epoch-end metrics multiply them with
+        # class features computed outside autocast
+        self._val_outputs.append((img.float(), txt.float(), list(batch["caption"])))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:
@@ -149,7 +151,7 @@ class CLIPModule(L.LightningModule):
         template, classes = self.zero_shot
         labels = caption_labels(captions, classes)  # [N], -1 = no unique class
         keep = labels >= 0
-        class_features = self.text_features([template.format(name) for name in classes])  # [K, E]
+        class_features = self.text_features([template.format(name) for name in classes]).float()  # [K, E]
         pred = (img[keep] @ class_features.T).argmax(dim=1).cpu()
         acc = (pred == labels[keep]).float().mean() if keep.any() else torch.tensor(float("nan"))
         return {"zero_shot_top1": acc, "zero_shot_chance": torch.tensor(1.0 / len(classes)),

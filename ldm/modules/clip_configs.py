@@ -32,6 +32,8 @@ from pathlib import Path
 import open_clip
 from torch import nn
 
+from ldm.modules.clip_attention import take_attention_products_in_fp32
+
 
 def _config(image_size: int, patch: int, width: int, layers: int, heads: int, embed_dim: int) -> dict:
     return {
@@ -143,6 +145,7 @@ def create_clip_model(
     if text_only:
         del model.visual
     run_sequence_first(model)
+    take_attention_products_in_fp32(model)  # bf16-mixed on a CPU: the attention product in fp32 (clip_attention.py)
     return model
 
 

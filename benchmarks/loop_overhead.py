@@ -69,8 +69,13 @@ DRIVERS = ("bare step", "fit, batches in memory", "fit, shard loader")
 def throughput_overrides(experiment: str) -> list[str]:
     """``train.py`` overrides of a fit timed for training throughput: the experiment, quiet, no validation (not
     training throughput; TrainingStats agrees) and no sample grid at the end of training."""
-    return [f"experiment={experiment}", "extras.print_config=false", "trainer.limit_val_batches=0",
-            "++callbacks.sample_grid.at_train_end=false"]
+    overrides = [f"experiment={experiment}", "extras.print_config=false", "trainer.limit_val_batches=0"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        callbacks = compose("train", overrides=overrides).get("callbacks") or {}
+    if "sample_grid" in callbacks:  # only where the experiment has one (an override would create a bare entry)
+        overrides.append("++callbacks.sample_grid.at_train_end=false")
+    return overrides
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -87,7 +92,8 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
 
 
 def build_model(cfg: DictConfig, autoencoder_experiment: str) -> L.LightningModule:
-    """``cfg.model``; without a first-stage checkpoint, the autoencoder experiment's architecture at a seeded init."""
+    """``cfg.model`` at a seeded init; for a latent diffusion model without a first-stage checkpoint, the autoencoder
+    experiment's architecture at a seeded init as its first stage."""
     model_cfg = cfg.model
     first = model_cfg.get("first_stage_config")
     if first is not None and OmegaConf.is_missing(first, "ckpt_path"):
@@ -99,7 +105,8 @@ def build_model(cfg: DictConfig, autoencoder_experiment: str) -> L.LightningModu
             model_cfg.first_stage_config = {"ddconfig": OmegaConf.to_container(ae.ddconfig), "embed_dim": ae.embed_dim}
     torch.manual_seed(0)
     model = hydra.utils.instantiate(model_cfg, _convert_="all")
-    model.first_stage_model.weights_loaded = True  # random weights on purpose: the cost is what is measured
+    if first is not None:
+        model.first_stage_model.weights_loaded = True  # random weights on purpose: the cost is what is measured
     return model
 
 

@@ -3,7 +3,8 @@
     +callbacks.probe._target_=tests.probes.StateProbe +callbacks.probe.out_dir=/tmp/x
 
 They record what a subprocess run did (state fingerprints per rank, batch counts), inject faults
-(NaN batches) or stall at a chosen moment so the test can SIGKILL the process there.
+(NaN batches) or stall at a chosen moment so the test can SIGKILL the process there. ``DispatchedOps`` records
+the aten ops an in-process computation dispatches.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, BinaryIO, Iterable, Optional
 
 import lightning as L
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.utils.checkpoint_io import AtomicCheckpointIO
 
@@ -183,3 +185,20 @@ class BatchAudit(L.Callback):
         if not (torch.isfinite(image).all() and image.min() >= -1 and image.max() <= 1 and image.shape[1] == 3):
             self.bad_batches.append(f"batch {batch_idx}: shape {tuple(image.shape)}, range "
                                     f"[{image.min().item()}, {image.max().item()}]")
+
+
+# ---------------------------------------------------------------------------------------------- dispatched ops
+class DispatchedOps(TorchDispatchMode):
+    """Inside it, every aten op dispatched is recorded as (name, dtype of its first argument or None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, Optional[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self.ops.append((func.overloadpacket.__name__, None if first is None else first.dtype))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, name: str) -> int:
+        return sum(op == name for op, _ in self.ops)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.modules.clip_attention import FP32ProductMultiheadAttention, take_attention_products_in_fp32
 from ldm.modules.clip_configs import create_clip_model
+from tests.probes import DispatchedOps
 
 WIDTH, HEADS, TOKENS, BATCH = 64, 4, 7, 3
 
@@ -37,18 +37,9 @@ def self_attention(module, x, mask, **kwargs):
     return module(x, x, x, need_weights=False, attn_mask=mask, **kwargs)[0]
 
 
-class _ProductDtypes(TorchDispatchMode):
-    """The query dtype of every attention product (any SDPA kernel) dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.dtypes: list[torch.dtype] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name.startswith("_scaled_dot_product") and "backward" not in name:
-            self.dtypes.append(args[0].dtype)
-        return func(*args, **(kwargs or {}))
+def product_dtypes(ops: DispatchedOps) -> list[torch.dtype]:
+    """The query dtype of every attention product (any SDPA kernel's forward) among the recorded ops."""
+    return [dtype for name, dtype in ops.ops if name.startswith("_scaled_dot_product") and "backward" not in name]
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -82,15 +73,15 @@ def test_masked_tokens_cannot_reach_earlier_ones_under_autocast():
 def test_the_product_runs_in_fp32_under_cpu_autocast_and_nowhere_else():
     torch_mha, ours = pair(batch_first=False)
     x = tokens(batch_first=False)
-    with _ProductDtypes() as torch_products, torch.autocast("cpu", dtype=torch.bfloat16):
+    with DispatchedOps() as torch_ops, torch.autocast("cpu", dtype=torch.bfloat16):
         self_attention(torch_mha, x, causal_mask("float"))
-    with _ProductDtypes() as our_products, torch.autocast("cpu", dtype=torch.bfloat16):
+    with DispatchedOps() as our_ops, torch.autocast("cpu", dtype=torch.bfloat16):
         self_attention(ours, x, causal_mask("float"))
-    with _ProductDtypes() as fp32_products:
+    with DispatchedOps() as fp32_ops:
         self_attention(ours, x, causal_mask("float"))
-    assert torch_products.dtypes == [torch.bfloat16]  # what the class avoids: the CPU's slow bf16 kernels
-    assert our_products.dtypes == [torch.float32]
-    assert fp32_products.dtypes == [torch.float32]
+    assert product_dtypes(torch_ops) == [torch.bfloat16]  # what the class avoids: the CPU's slow bf16 kernels
+    assert product_dtypes(our_ops) == [torch.float32]
+    assert product_dtypes(fp32_ops) == [torch.float32]
 
 
 def test_options_open_clip_does_not_use_stay_torchs():

@@ -8,12 +8,12 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.convert.text_encoder import extract_open_clip_text_state, hf_text_to_open_clip, open_clip_text_to_hf
 from ldm.modules.clip_attention import take_attention_products_in_fp32
 from ldm.modules.clip_configs import TINY_CLIP_CONFIGS, create_clip_model, register_clip_configs, run_sequence_first
 from ldm.modules.conditioning import OpenCLIPTextEncoder
+from tests.probes import DispatchedOps
 
 ARCH = "ldm-tiny-clip"
 PROMPTS = ["a red circle", "a large blue square in the top left on a white background"]
@@ -229,19 +229,6 @@ def test_text_towers_are_compared_by_configuration_not_name():
     assert not same_text_tower("ldm-tiny-clip", "no-such-arch")
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.calls[name] = self.calls.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_towers_run_sequence_first_with_the_same_outputs():
     torch.manual_seed(0)
     clip = create_clip_model(ARCH)
@@ -258,16 +245,20 @@ def test_towers_run_sequence_first_with_the_same_outputs():
 
 
 def test_frozen_text_tower_under_bf16_autocast_never_expands_its_weights():
-    """Batch-first, a frozen tower's attention in-projection ran as bmm over the weight expanded per token."""
+    """Batch-first, a frozen tower's attention in-projection ran as bmm over the weight expanded per token. Either
+    of our changes avoids it on its own: the sequence-first layout (checked with torch's attention, as on a GPU) and
+    the fp32-product attention, which projects in the input's layout (the tower as built)."""
     torch.manual_seed(0)
-    encoder = OpenCLIPTextEncoder(ARCH, context_length=16)  # frozen
+    encoder = OpenCLIPTextEncoder(ARCH, context_length=16)  # frozen, as built
+    sequence_first = OpenCLIPTextEncoder(ARCH, context_length=16)
+    take_attention_products_in_fp32(sequence_first, False)  # torch's own attention, our layout
     reference = OpenCLIPTextEncoder(ARCH, context_length=16)
     run_sequence_first(reference, False)
-    take_attention_products_in_fp32(reference, False)  # torch's own attention (ours projects in the input's layout)
+    take_attention_products_in_fp32(reference, False)  # open_clip as shipped
     counts = []
-    for tower in (encoder, reference):
-        with _OpCounter() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+    for tower in (encoder, sequence_first, reference):
+        with DispatchedOps() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
             tower.encode(PROMPTS)
-        counts.append(ops.calls.get("bmm", 0))
+        counts.append(ops.count("bmm"))
     layers = TINY_CLIP_CONFIGS[ARCH]["text_cfg"]["layers"]
-    assert counts == [0, layers], counts  # the reference shows what the layout avoids: one per block
+    assert counts == [0, 0, layers], counts  # the reference shows what the layout avoids: one per block

@@ -95,15 +95,19 @@ def test_schedule_checks_timesteps_on_the_device_on_cuda_and_meta():
     assert out.shape == expected.shape and out.device.type == "meta"
 
 
-def _optimizer_from_model_config(model: str = "ldm_tiny", **overrides):
+def _model_config(model: str, **optimizer_overrides):
+    """``cfg.model`` of ``configs/train.yaml`` with ``model=<model>`` and ``model.optimizer.<key>=<value>``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        optimizer = [f"++model.optimizer.{key}={value}" for key, value in overrides.items()]
-        cfg = compose("train", overrides=[f"model={model}", *optimizer])
-    return hydra.utils.instantiate(cfg.model.optimizer)
+        optimizer = [f"++model.optimizer.{key}={value}" for key, value in optimizer_overrides.items()]
+        return compose("train", overrides=[f"model={model}", *optimizer]).model
+
+
+def _optimizer_from_model_config(model: str = "ldm_tiny", **overrides):
+    return hydra.utils.instantiate(_model_config(model, **overrides).optimizer)
 
 
 def test_the_clip_stage_steps_with_fused_adamw():
@@ -122,13 +126,8 @@ def test_the_clip_stage_steps_with_fused_adamw():
 def test_the_tiny_autoencoder_and_its_discriminator_step_with_fused_adamw():
     """Stage 1's 154 small tensors cost ~9 for-loop ops each per update, about half the ops of its step; fused, the
     quickstart autoencoder's ``Trainer.fit`` steps 1.04-1.05x faster (BENCHMARKS.md)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        cfg = compose("train", overrides=["model=autoencoder_f4_tiny"])  # configs/model/autoencoder_f4_tiny.yaml
-    optimizers, _ = hydra.utils.instantiate(cfg.model, _convert_="all").configure_optimizers()
+    model_cfg = _model_config("autoencoder_f4_tiny")  # configs/model/autoencoder_f4_tiny.yaml
+    optimizers, _ = hydra.utils.instantiate(model_cfg, _convert_="all").configure_optimizers()
     assert len(optimizers) == 2 and all(optimizer.defaults["fused"] for optimizer in optimizers)
 
 

@@ -25,6 +25,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ldm.callbacks.step_logging import OnChangeLog
+
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +52,7 @@ class NonFiniteGuard(L.Callback):
         self._loss_finite: Optional[torch.Tensor] = None  # AND over backward passes since the last step
         self._skipped_reason: Optional[str] = None  # set when this batch skipped a step
         self._stepped = False  # this batch reached an optimizer step (False while accumulating)
+        self._log = OnChangeLog()
 
     # ------------------------------------------------------------------ detection
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -82,6 +85,9 @@ class NonFiniteGuard(L.Callback):
             self._skipped_reason = self._skipped_reason or "loss or gradient on another rank"
 
     # ------------------------------------------------------------------ counting and stopping
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log.reset()
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -96,7 +102,7 @@ class NonFiniteGuard(L.Callback):
             )
         elif stepped:
             self.consecutive = 0
-        pl_module.log("train/nonfinite_steps", float(self.total), on_step=True, on_epoch=False, batch_size=1)
+        self._log.log(pl_module, "train/nonfinite_steps", float(self.total))
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteTrainingError(
                 f"Stopping: {self.consecutive} consecutive training steps had a non-finite {reason}, the last at "

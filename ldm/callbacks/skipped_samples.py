@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ldm.callbacks.step_logging import OnChangeLog
+
 _COUNTERS = {"n_skipped": "skipped_samples", "n_empty_caption": "empty_captions"}
 
 
@@ -36,6 +38,7 @@ class SkippedSamplesCallback(L.Callback):
         self._pending: dict[str, torch.Tensor | None] = {"train": None, "val": None}
         self._last_warning = -float("inf")
         self._warned_total = 0
+        self._log = OnChangeLog()
 
     # ------------------------------------------------------------------ accumulation
     def _accumulate(self, stage: str, batch: Any) -> None:
@@ -57,6 +60,9 @@ class SkippedSamplesCallback(L.Callback):
             self.totals[stage][name] += int(value)
 
     # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log.reset()
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -65,7 +71,7 @@ class SkippedSamplesCallback(L.Callback):
             self._sync("train", trainer)
             self._maybe_warn()
         for key, name in _COUNTERS.items():  # latest synced totals; a float, so logging costs no sync
-            pl_module.log(f"data/{name}", float(self.totals["train"][key]), on_step=True, on_epoch=False, batch_size=1)
+            self._log.log(pl_module, f"data/{name}", float(self.totals["train"][key]))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync("train", trainer)

@@ -459,3 +459,32 @@ def test_sd_keys_agree_with_diffusers_own_converter():
     assert all(torch.equal(converted[k], reference[k]) for k in reference)
     # a diffusers layout inside a single file is recognised and converted back
     assert extract_vae_state_dict({f"vae.{k}": v for k, v in converted.items()}).keys() == sd_state.keys()
+
+
+def _logged_rows(tmp_path: Path, log_every: bool, monkeypatch) -> tuple[list[dict], int]:
+    """CSV rows of a 7-step GAN fit logging every 3 steps, and the number of self.log calls it made."""
+    import ldm.models.autoencoder as autoencoder_module
+
+    if log_every:  # the reference: every term logged on every batch, as before the gate
+        monkeypatch.setattr(autoencoder_module, "writes_step_metrics", lambda trainer: True)
+    calls = []
+    log = AutoencoderKL.log
+    monkeypatch.setattr(AutoencoderKL, "log", lambda self, *a, **k: calls.append(1) or log(self, *a, **k))
+    torch.manual_seed(0)
+    model = _model(loss=dict(TINY_LOSS, disc_start=2))
+    trainer = _trainer(tmp_path / str(log_every), max_steps=7, log_every_n_steps=3)
+    trainer.fit(model, train_dataloaders=_loader(n=64))
+    monkeypatch.undo()
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        import csv
+
+        return list(csv.DictReader(f)), len(calls)
+
+
+def test_loss_terms_are_logged_on_logging_steps_only_with_the_same_rows(tmp_path, monkeypatch):
+    every_batch, every_calls = _logged_rows(tmp_path, True, monkeypatch)
+    gated, gated_calls = _logged_rows(tmp_path, False, monkeypatch)
+    assert [row["step"] for row in every_batch] == ["2", "5"]  # logging steps 3 and 6 (0-based step index 2, 5)
+    assert {"train/kl_loss", "train/d_loss", "train/grad_norm", "train/disc_grad_norm", "train/lr"} <= set(gated[0])
+    assert gated == every_batch  # the loggers receive exactly the same values
+    assert gated_calls < every_calls / 2  # ... from fewer self.log calls (rec_loss, for the progress bar, every batch)

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from ldm.callbacks.step_logging import OnChangeLog
+from ldm.utils.step_logging import OnChangeLog
 
 CHANGES_AT = {3: 1.0, 4: 2.0, 9: 5.0}  # global step -> new value of the running total
 

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ldm.callbacks.step_logging import OnChangeLog
+from ldm.utils.step_logging import OnChangeLog
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ldm.callbacks.step_logging import OnChangeLog
+from ldm.utils.step_logging import OnChangeLog
 
 _COUNTERS = {"n_skipped": "skipped_samples", "n_empty_caption": "empty_captions"}
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ldm.modules.clip_configs import create_clip_model
 from ldm.modules.conditioning import PromptTokenizer, text_transformer
 from ldm.optim import build_optimizer, build_scheduler
+from ldm.utils.step_logging import writes_step_metrics
 
 
 def _zero_shot_classes(spec: Union[Sequence[str], Mapping[str, Sequence[str]]]) -> dict[str, list[str]]:
@@ -117,7 +118,8 @@ class CLIPModule(L.LightningModule):
         loss, _, _ = self.contrastive_loss(batch)
         bs = len(batch["caption"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=bs)
+        if writes_step_metrics(self.trainer):  # only the loggers read it
+            self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=bs)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

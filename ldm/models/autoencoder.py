@@ -213,7 +213,8 @@ class AutoencoderKL(L.LightningModule):
         return z + self.decoder_noise * channel_std * torch.randn_like(z)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip (after AMP unscaling) and log the global gradient norm of the optimizer about to step."""
+        """Clip (after AMP unscaling) the global gradient norm of the optimizer about to step; log it on the
+        batches whose metrics reach the loggers."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = clip_gradients_(params, self.grad_clip)
         if writes_step_metrics(self.trainer):

@@ -4,7 +4,8 @@
 time). Two ways to call it less often without changing what the loggers write:
 
 - :func:`writes_step_metrics`: Lightning writes on-step metrics to the loggers only every
-  ``trainer.log_every_n_steps`` batches; a value logged on another batch is overwritten before anyone writes it.
+  ``trainer.log_every_n_steps`` batches; a value logged on another batch is overwritten before any logger sees
+  it. (``trainer.callback_metrics`` then holds the value of the last logging step, not of the last batch.)
 - :class:`OnChangeLog`: for running totals. Lightning writes the last value logged for an on-step key again at
   every later logging step of the same epoch (its training results are reset when an epoch starts), so logging a
   total when it changes, and once per epoch, gives the loggers and ``trainer.callback_metrics`` the same values.

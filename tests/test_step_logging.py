@@ -83,3 +83,14 @@ def test_reset_logs_an_unchanged_value_again():
     log.reset()
     log.log(Recorder(), "x", 2.0)
     assert logged == [("x", 1.0), ("x", 2.0), ("x", 2.0)]
+
+
+def test_without_lightnings_check_every_batch_logs():
+    from types import SimpleNamespace
+
+    from ldm.utils.step_logging import writes_step_metrics
+
+    connector = SimpleNamespace(should_update_logs=False)
+    assert not writes_step_metrics(SimpleNamespace(fast_dev_run=0, _logger_connector=connector))
+    assert writes_step_metrics(SimpleNamespace(fast_dev_run=1, _logger_connector=connector))  # fast_dev_run logs all
+    assert writes_step_metrics(SimpleNamespace(fast_dev_run=0))  # no such check: log, as without the helper

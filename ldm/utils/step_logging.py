@@ -21,7 +21,12 @@ def writes_step_metrics(trainer: L.Trainer) -> bool:
     ``trainer.log_every_n_steps`` batches that step, when the run is stopping, and every batch under
     ``fast_dev_run`` (the check Lightning's own ``LearningRateMonitor`` makes). Metrics shown on the progress bar
     (``prog_bar=True``) are read every batch: log those regardless."""
-    return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+    if trainer.fast_dev_run:
+        return True
+    try:
+        return bool(trainer._logger_connector.should_update_logs)
+    except AttributeError:  # a Lightning without this (private) check: log every batch, as without the helper
+        return True
 
 
 class OnChangeLog:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib.util
 import math
@@ -463,10 +464,8 @@ def test_sd_keys_agree_with_diffusers_own_converter():
 
 def _logged_rows(tmp_path: Path, log_every: bool, monkeypatch) -> tuple[list[dict], int]:
     """CSV rows of a 7-step GAN fit logging every 3 steps, and the number of self.log calls it made."""
-    import ldm.models.autoencoder as autoencoder_module
-
     if log_every:  # the reference: every term logged on every batch, as before the gate
-        monkeypatch.setattr(autoencoder_module, "writes_step_metrics", lambda trainer: True)
+        monkeypatch.setattr("ldm.models.autoencoder.writes_step_metrics", lambda trainer: True)
     calls = []
     log = AutoencoderKL.log
     monkeypatch.setattr(AutoencoderKL, "log", lambda self, *a, **k: calls.append(1) or log(self, *a, **k))
@@ -476,8 +475,6 @@ def _logged_rows(tmp_path: Path, log_every: bool, monkeypatch) -> tuple[list[dic
     trainer.fit(model, train_dataloaders=_loader(n=64))
     monkeypatch.undo()
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
-        import csv
-
         return list(csv.DictReader(f)), len(calls)
 
 

@@ -1,18 +1,19 @@
 """OnChangeLog: logging a running total only when it changes (and once per epoch) gives the loggers and
-``trainer.callback_metrics`` exactly what logging it every batch gives."""
+``trainer.callback_metrics`` exactly what logging it every batch gives; writes_step_metrics falls back to logging
+every batch. (The autoencoder's use of writes_step_metrics is tested in test_autoencoder.py.)"""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from ldm.utils.step_logging import OnChangeLog
+from ldm.utils.step_logging import OnChangeLog, writes_step_metrics
 
 CHANGES_AT = {3: 1.0, 4: 2.0, 9: 5.0}  # global step -> new value of the running total
 
@@ -86,10 +87,6 @@ def test_reset_logs_an_unchanged_value_again():
 
 
 def test_without_lightnings_check_every_batch_logs():
-    from types import SimpleNamespace
-
-    from ldm.utils.step_logging import writes_step_metrics
-
     connector = SimpleNamespace(should_update_logs=False)
     assert not writes_step_metrics(SimpleNamespace(fast_dev_run=0, _logger_connector=connector))
     assert writes_step_metrics(SimpleNamespace(fast_dev_run=1, _logger_connector=connector))  # fast_dev_run logs all

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -44,7 +45,7 @@ class RunningTotal(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         self.changes.reset()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def _log(self, trainer, pl_module):
         self.value = CHANGES_AT.get(trainer.global_step, self.value)
         if self.on_change:
             self.changes.log(pl_module, "data/total", self.value)
@@ -52,11 +53,21 @@ class RunningTotal(L.Callback):
             pl_module.log("data/total", self.value, on_step=True, on_epoch=False, batch_size=1)
 
 
-def _logged(tmp_path: Path, on_change: bool) -> tuple[list[tuple[str, str, str]], float]:
+class TotalAtBatchEnd(RunningTotal):  # as the data and NaN counters log
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._log(trainer, pl_module)
+
+
+class TotalAtBatchStart(RunningTotal):  # as the curriculum's phase logs
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._log(trainer, pl_module)
+
+
+def _logged(tmp_path: Path, on_change: bool, callback: type[RunningTotal]) -> tuple[list[tuple[str, str, str]], float]:
     torch.manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(20, 2)), batch_size=4)  # 5 batches per epoch
     trainer = L.Trainer(max_steps=13, log_every_n_steps=2, val_check_interval=3, limit_val_batches=1,
-                        logger=CSVLogger(tmp_path / str(on_change)), callbacks=[RunningTotal(on_change)],
+                        logger=CSVLogger(tmp_path / str(on_change)), callbacks=[callback(on_change)],
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(Tiny(), data, data)
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
@@ -64,8 +75,9 @@ def _logged(tmp_path: Path, on_change: bool) -> tuple[list[tuple[str, str, str]]
     return rows, float(trainer.callback_metrics["data/total"])
 
 
-def test_logging_on_change_writes_what_logging_every_batch_writes(tmp_path):
-    every_batch, on_change = _logged(tmp_path, False), _logged(tmp_path, True)
+@pytest.mark.parametrize("callback", [TotalAtBatchEnd, TotalAtBatchStart])
+def test_logging_on_change_writes_what_logging_every_batch_writes(tmp_path, callback):
+    every_batch, on_change = _logged(tmp_path, False, callback), _logged(tmp_path, True, callback)
     rows = every_batch[0]
     assert len({epoch for epoch, _, _ in rows}) == 3 and {v for _, _, v in rows} >= {"0.0", "2.0", "5.0"}
     assert on_change == every_batch

@@ -48,6 +48,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ldm.utils.step_logging import OnChangeLog
+
 PHASE_KEYS = ("start_step", "resolution", "batch_size", "lr_scale", "timestep_range")
 
 
@@ -168,6 +170,7 @@ class Curriculum(L.Callback):
         self._live_loader: Optional[weakref.ref] = None
         self._restored = False  # the datamodule was configured from a checkpoint's curriculum state
         self._lenient = False  # resumed from a checkpoint without curriculum state: no batch checks until a reload
+        self._log = OnChangeLog()  # phase, resolution and batch size change at phase boundaries only
 
     def phase_index(self, step: int) -> int:
         """Index of the phase that contains optimizer step ``step``."""
@@ -284,6 +287,9 @@ class Curriculum(L.Callback):
                            "with the data it has, the phases apply to the data from the next epoch on")
         self._plan(trainer, trainer.global_step)
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log.reset()
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._changes_data:
             self._plan(trainer, trainer.global_step)
@@ -314,7 +320,8 @@ class Curriculum(L.Callback):
             metrics["curriculum/resolution"] = float(side)
         if size is not None:
             metrics["curriculum/batch_size"] = float(size)
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        for name, value in metrics.items():
+            self._log.log(pl_module, name, value)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         hparams = checkpoint.get("hyper_parameters")

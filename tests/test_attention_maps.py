@@ -3,9 +3,6 @@ ones the layer applies, they land on the pixels that match a token, and recordin
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -14,10 +11,9 @@ from ldm.models.diffusion import LatentDiffusion
 from ldm.modules.attention import CrossAttention
 from ldm.modules.attention_maps import CrossAttentionRecorder, attention_probs
 from ldm.modules.unet import UNetModel
+from tests.script_loader import load_script
 from tests.test_latent_diffusion import DDCONFIG, POOLED, UNET
 from tests.weights import randomize_
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recorded_weights_are_the_ones_the_layer_applies():
@@ -89,7 +85,7 @@ def test_misuse_names_the_problem():
     unet = randomize_(UNetModel(**UNET)).eval()
     with pytest.raises(RuntimeError, match="nothing recorded"):
         CrossAttentionRecorder(unet).token_maps()
-    with torch.no_grad(), CrossAttentionRecorder(unet) as recorder:
+    with torch.no_grad(), CrossAttentionRecorder(unet):
         unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), context=torch.randn(1, 3, 128))
         with pytest.raises(ValueError, match="one latent size at a time"):
             unet(torch.randn(1, 4, 16, 16), torch.tensor([1]), context=torch.randn(1, 3, 128))
@@ -103,9 +99,7 @@ def test_plot_attention_script_draws_one_map_per_word(tmp_path):
     ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
     model.on_save_checkpoint(ckpt)
     torch.save(ckpt, tmp_path / "tiny.ckpt")
-    spec = importlib.util.spec_from_file_location("plot_attention", ROOT / "scripts" / "plot_attention.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("plot_attention")
     assert [text for _, text in script.word_tokens(model, "a red circle")] == ["a", "red", "circle"]
     out = script.main(["--ckpt", str(tmp_path / "tiny.ckpt"), "--prompt", "a red circle", "--prompt", "a cyan square",
                        "--steps", "2", "--timesteps", "10", "900", "--out", str(tmp_path / "maps.png")])

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.models.clip import CLIPModule, _zero_shot_classes, caption_labels, retrieval_metrics
 from ldm.modules.conditioning import OpenCLIPTextEncoder, text_transformer
+from tests.script_loader import load_script
 
 ARCH = "ldm-tiny-clip"
 COLORS = {"red": (1.0, -0.8, -0.8), "green": (-0.8, 0.6, -0.8), "blue": (-0.8, -0.6, 1.0), "yellow": (0.9, 0.8, -0.8),
@@ -160,3 +161,49 @@ def test_experiment_zero_shot_classes_label_every_caption_correctly(experiment, 
         assert label >= 0 and names[label] == truth, sample["caption"]
     optimizers = module.configure_optimizers()
     assert optimizers["lr_scheduler"]["interval"] == "step"
+
+
+# ---- scripts/plot_clip.py ------------------------------------------------------------------------------------------
+
+
+class ReaderCLIP:
+    """A stand-in CLIP that reads each image with the analytic shape reader: one-hot embeddings of what is drawn."""
+
+    def __init__(self, prompts):
+        self.prompts = list(prompts)
+
+    def text_features(self, prompts):
+        return torch.eye(len(self.prompts))[[self.prompts.index(p) for p in prompts]]
+
+    def image_features(self, images):  # [B, 3, H, W] in [-1, 1]
+        from ldm.data.reader import read_shape_image
+
+        reads = [read_shape_image(((im.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype("uint8")) for im in images]
+        return self.text_features([f"a {r['color']} {r['shape']}" for r in reads])
+
+
+def test_zero_shot_pairs_each_image_with_its_own_label():
+    from ldm.data.synthetic import ShapesSource
+
+    script = load_script("plot_clip")
+    source = ShapesSource(60, resolution=32, split="val")
+    result = script.zero_shot(ReaderCLIP(source.prompts()), source, batch_size=16)
+    acc = script.accuracies(result["prompts"], result["labels"], result["predictions"])
+    assert acc["prompt"] > 0.95 and acc["color"] > 0.95 and acc["shape"] > 0.95  # chance: 1/18, 1/6, 1/3
+    torch.testing.assert_close(result["text_similarity"], torch.eye(18))
+
+
+def test_accuracies_and_confusion_by_hand():
+    script = load_script("plot_clip")
+    prompts = ["a red circle", "a red square", "a blue circle"]
+    labels, predictions = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0])
+    assert script.accuracies(prompts, labels, predictions) == {"prompt": 0.5, "color": 0.75, "shape": 0.75}
+    expected = [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert script.confusion(labels, predictions, 3).tolist() == expected
+
+
+def test_plot_clip_script_reads_a_trained_checkpoint(trained, tmp_path):
+    _, ckpt, _, _ = trained
+    acc = load_script("plot_clip").main(["--ckpt", str(ckpt), "--num-images", "24", "--out", str(tmp_path / "clip.png")])
+    assert set(acc) == {"prompt", "color", "shape"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    assert (tmp_path / "clip.png").stat().st_size > 0

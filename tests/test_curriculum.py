@@ -258,20 +258,17 @@ def test_shapes_curriculum_and_its_baseline_have_equal_training_flops(compose_tr
 # ----------------------------------------------------------------------------------------------- evaluation
 def test_evaluate_generates_at_the_requested_size(tmp_path, monkeypatch):
     """scripts/evaluate.py height/width: a model trained by the curriculum is scored at its final resolution."""
-    import importlib.util
-
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
     from tests.hydra_helpers import CONFIG_DIR, ROOT
+    from tests.script_loader import load_script
 
     model = tiny_ldm()
     hparams = {k: v for k, v in model.hparams.items()}
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, tmp_path / "ldm.ckpt")
-    spec = importlib.util.spec_from_file_location("scripts_evaluate_curriculum", ROOT / "scripts" / "evaluate.py")
-    evaluate_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate_script)
+    evaluate_script = load_script("evaluate")
     grids = []
     monkeypatch.setattr(evaluate_script, "make_grid", lambda images, **kw: grids.append(images.shape) or _Saveable())
     GlobalHydra.instance().clear()

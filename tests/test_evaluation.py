@@ -3,7 +3,6 @@ autoencoder checkpoints, sweeps plot, and an offline W&B run of a short training
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -24,20 +23,14 @@ from ldm.evaluation.image_metrics import clip_score, extract_features, fid_kid
 from ldm.evaluation.kind import checkpoint_kind
 from ldm.evaluation.wandb_offline import WandbLogError, find_offline_runs, read_offline_run, read_records
 from ldm.models.clip import CLIPModule
+from tests.script_loader import load_script
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_script = _load_script("evaluate")
-plot_sweep_script = _load_script("plot_sweep")
+evaluate_script = load_script("evaluate")
+plot_sweep_script = load_script("plot_sweep")
 
 
 def shapes_batch(n: int, split: str = "val") -> tuple[torch.Tensor, list[str]]:

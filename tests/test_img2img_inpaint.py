@@ -7,7 +7,6 @@ tests/test_samplers.py; inpainting is checked with an oracle U-Net whose x0-pred
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ldm.pipeline import SamplingConfig, text_to_image
 from ldm.pipeline_img2img import image_to_image, img2img_sigmas, strength_steps
 from ldm.utils.image_inputs import image_request
 from ldm.utils.sampling_io import file_hash
+from tests.script_loader import load_script
 from tests.test_latent_diffusion import DDCONFIG, UNET
 from tests.test_samplers import BUDGET, MEAN_TOL, MU, STD, VAR_TOL, exact_network, gaussian_denoiser
 from tests.weights import randomize_
@@ -278,13 +278,6 @@ def test_inpainting_unet_gets_mask_and_masked_image_channels(init, mask, monkeyp
 # ---- scripts/sample.py ----------------------------------------------------------------------------------------------
 
 
-def _load_sample_script():
-    spec = importlib.util.spec_from_file_location("scripts_sample", ROOT / "scripts" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def compose_sample(overrides: list[str], out: Path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
@@ -316,7 +309,7 @@ def sample_files(model, tmp_path_factory) -> dict:
 
 
 def test_sample_script_inpaints_and_records_the_inputs(sample_files, tmp_path):
-    script = _load_sample_script()
+    script = load_script("sample")
     f = sample_files
     cfg = compose_sample([f"ckpt={f['ckpt']}", "prompt=a red circle", "n=2", "steps=3", "cfg_scale=2",
                           f"init_image={f['init']}", f"mask={f['mask']}", "strength=0.6"], tmp_path)
@@ -336,7 +329,7 @@ def test_sample_script_inpaints_and_records_the_inputs(sample_files, tmp_path):
 
 
 def test_sample_script_img2img_and_bad_files(sample_files, tmp_path):
-    script = _load_sample_script()
+    script = load_script("sample")
     f = sample_files
     base = [f"ckpt={f['ckpt']}", "prompt=a red circle", "n=1", "steps=2"]
     script.main(compose_sample([*base, f"init_image={f['init']}", "strength=0.5"], tmp_path / "ok"))

@@ -4,7 +4,6 @@ the cache through train.py, a cache of another autoencoder is refused, and bad c
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import pickle
 import tarfile
@@ -25,20 +24,14 @@ from ldm.data.webdataset import WebDataModule, expand_shards
 from ldm.models.first_stage import FirstStage
 from ldm.models.latent_source import LatentSourceMismatch, encoder_fingerprint
 from tests.hydra_helpers import CONFIG_DIR, compose_train_config, tiny_shards
+from tests.script_loader import load_script
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 8
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-encode_script = _load_script("encode_latents")
+encode_script = load_script("encode_latents")
 
 
 def autoencoder_checkpoint(path: Path, seed: int) -> str:

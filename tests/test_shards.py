@@ -1,6 +1,5 @@
 """WebDataset shard writer, embedded builder and the make_shards CLI."""
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -15,6 +14,7 @@ from ldm.data.folder import FolderSource
 from ldm.data.shards import build_embedded_shards, write_shards
 from ldm.data.sources import SampleError
 from ldm.data.synthetic import ShapesSource
+from tests.script_loader import load_script
 
 HOSTILE_CAPTIONS = ["un café ☕ à Zürich — 日本語のキャプション", "x" * 5000, ""]
 
@@ -126,16 +126,8 @@ def test_build_embedded_shards(tmp_path):
         build_embedded_shards({"source": "shapes"}, tmp_path / "x")
 
 
-def load_cli():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "make_shards.py"
-    spec = importlib.util.spec_from_file_location("make_shards", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_make_shards_cli(tmp_path, capsys):
-    cli = load_cli()
+    cli = load_script("make_shards")
     argv = ["--source", "shapes", "--out", str(tmp_path), "--num-train", "7", "--num-val", "3", "--resolution", "16",
             "--samples-per-shard", "3", "--no-progress"]
     summaries = cli.main(argv)

@@ -3,7 +3,6 @@ the sample.py chain (text-to-image -> upscale) and scripts/upscale.py, bad input
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.models.upscaler import Upscaler, load_upscaler, psnr_per_image
 from ldm.modules.unet import timestep_embedding
 from ldm.upscale import NOISE_AUG_SCHEDULE, area_downsample, bicubic_upsample, noise_augment, upscale
+from tests.script_loader import load_script
 from tests.weights import randomize_
 
-ROOT = Path(__file__).resolve().parents[1]
 # 16 px high-res images, U-Net downsampling 2: the smallest upscaler that still has every part
 UNET = dict(image_size=16, in_channels=6, out_channels=3, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
             attention_resolutions=[], num_head_channels=16, use_scale_shift_norm=True, num_classes="sequential",
@@ -181,17 +180,10 @@ def test_loader_refuses_other_checkpoints(checkpoints, tmp_path):
         load_upscaler(str(tmp_path / "missing.ckpt"))
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sample_script_chains_text_to_image_and_upscaling(checkpoints, tmp_path):
     from tests.test_img2img_inpaint import compose_sample
 
-    sample = _load_script("sample")
+    sample = load_script("sample")
     base = [f"ckpt={checkpoints['ldm']}", "prompt=a red circle", "n=2", "steps=2", "cfg_scale=1"]
     sample.main(compose_sample([*base, "upscale=true", f"upscaler_ckpt={checkpoints['upscaler']}",
                                 "upscale_steps=2", "upscale_noise_level=3"], tmp_path / "up"))
@@ -214,7 +206,7 @@ def test_sample_script_chains_text_to_image_and_upscaling(checkpoints, tmp_path)
 
 
 def test_upscale_script_writes_images_and_a_comparison_grid(checkpoints, tmp_path):
-    script = _load_script("upscale")
+    script = load_script("upscale")
     folder = tmp_path / "in"
     folder.mkdir()
     for i, image in enumerate(shapes(2)):

@@ -17,6 +17,7 @@ from ldm.optim import (
     warmup_cosine,
     warmup_linear,
 )
+from tests.script_loader import load_script
 
 
 class Tiny(nn.Module):
@@ -129,3 +130,15 @@ def test_clip_gradients_returns_pre_clip_norm_and_clips():
     norm = clip_gradients_([p], max_norm=1.5)
     assert norm.item() == pytest.approx(6.0)
     assert p.grad.norm().item() == pytest.approx(1.5, rel=1e-4)
+
+
+def test_plot_lr_reads_the_schedules_the_experiments_configure(tmp_path):
+    script = load_script("plot_lr")
+    lrs, schedule = script.lr_curve("quickstart_ldm")  # lr 2e-3, warm-up 50, cosine to 0 at max_steps 1,500
+    assert len(lrs) == 1500 and schedule.startswith("warmup_cosine(")
+    assert lrs[0] == pytest.approx(2e-3 / 50) and lrs[49] == pytest.approx(2e-3) and max(lrs) == pytest.approx(2e-3)
+    assert lrs[-1] < 1e-8 and all(a >= b for a, b in zip(lrs[49:], lrs[50:]))  # decays without a bump
+    lrs, _ = script.lr_curve("sd15_finetune", ["trainer.max_steps=12000"])  # SD: 10k warm-up steps, then flat
+    assert lrs[4999] == pytest.approx(5e-5) and lrs[9999] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-4)
+    out = script.main(["--experiment", "quickstart_clip", "--out", str(tmp_path / "lr.png")])
+    assert out.stat().st_size > 0

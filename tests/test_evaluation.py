@@ -117,7 +117,45 @@ def test_clip_score_is_100_times_the_mean_cosine(random_clip):
 
 def test_shapes_reader_scores_real_renders_as_correct():
     images, captions = shapes_batch(120)
-    assert score(images, captions)["prompt_accuracy"] >= 0.97
+    metrics = score(images, captions)
+    assert metrics["prompt_accuracy"] >= 0.97
+    # the varied captions name each of size, position and background with p = 0.5: all read right on renders
+    for detail in ("size", "position", "background"):
+        assert metrics[f"{detail}_images"] > 30 and metrics[f"{detail}_accuracy"] == 1.0
+    assert metrics["caption_accuracy"] == 1.0
+
+
+def test_a_wrong_size_position_or_background_is_scored_wrong():
+    source = ShapesSource(num_samples=40, resolution=32, split="val", caption_detail="full")
+    samples = [source[i] for i in range(len(source))]
+    images = torch.stack([torch.from_numpy(np.array(s["image"])).permute(2, 0, 1) for s in samples]).float() / 255
+    other = {"small": "large", "medium": "small", "large": "small", "black": "white", "white": "gray", "gray": "black"}
+    wrong = []
+    for s in samples:  # "a {size} {color} {shape} {position} on a {background} background", each detail swapped
+        meta = s["meta"]
+        moved = "at the bottom" if meta["row"] == "top" else "at the top"
+        wrong.append(f"a {other[meta['size']]} {meta['color']} {meta['shape']} {moved} "
+                     f"on a {other[meta['background']]} background")
+    right, swapped = score(images, [s["caption"] for s in samples]), score(images, wrong)
+    assert right["caption_accuracy"] == 1.0 and right["position_images"] == 40
+    assert swapped["prompt_accuracy"] == 1.0  # colour and shape still right
+    assert swapped["size_accuracy"] == swapped["position_accuracy"] == swapped["background_accuracy"] == 0.0
+    assert swapped["caption_accuracy"] == 0.0
+    assert "position_accuracy" not in score(images[:2], ["a red circle", "a blue square"])  # named nowhere
+
+
+def test_detailed_prompt_set_names_every_attribute_in_balance():
+    from collections import Counter
+
+    from ldm.evaluation.generation import prompt_set
+    from ldm.evaluation.prompt_accuracy import expected_details, expected_shape_attributes
+
+    prompts = prompt_set("shapes_detailed")
+    details = [expected_details(p) for p in prompts]
+    assert len(prompts) == len(set(prompts)) == 54 and all(expected_shape_attributes(p) for p in prompts)
+    assert Counter(d["size"] for d in details) == {"small": 18, "medium": 18, "large": 18}
+    assert Counter(d["background"] for d in details) == {"black": 18, "white": 18, "gray": 18}
+    assert set(Counter(d["position"] for d in details).values()) == {6}  # each of the 9 cells 6 times
 
 
 def test_inception_features_need_a_local_weights_file(tmp_path):

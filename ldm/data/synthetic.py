@@ -45,6 +45,20 @@ def canonical_prompts(colors: Sequence[str] = tuple(FOREGROUND_COLORS), shapes: 
     return [f"a {color} {shape}" for color in colors for shape in shapes]
 
 
+def detailed_prompts(colors: Sequence[str] = tuple(FOREGROUND_COLORS), shapes: Sequence[str] = SHAPES) -> list[str]:
+    """Three prompts per color x shape in the full caption grammar, ``"a {size} {color} {shape} {position} on a
+    {background} background"``: each size and background equally often, every grid cell (for 18 color x shape)
+    six times."""
+    sizes, cells, backgrounds = list(SIZE_FRACTIONS), list(POSITION_PHRASES), list(BACKGROUND_COLORS)
+    prompts = []
+    for i, (color, shape) in enumerate((c, s) for c in colors for s in shapes):
+        for j, size in enumerate(sizes):
+            position = POSITION_PHRASES[cells[(i + 3 * j) % len(cells)]]
+            background = backgrounds[(i + j) % len(backgrounds)]
+            prompts.append(f"a {size} {color} {shape} {position} on a {background} background")
+    return prompts
+
+
 def _axis_center(cell: int, side: float, rng: np.random.Generator) -> float:
     """Centre coordinate (fraction of the image) of a shape of ``side`` in grid cell 0/1/2."""
     low, high = MARGIN + side / 2, 1.0 - MARGIN - side / 2

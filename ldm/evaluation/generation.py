@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.data.digits import DIGIT_WORDS
-from ldm.data.synthetic import canonical_prompts
+from ldm.data.synthetic import canonical_prompts, detailed_prompts
 from ldm.diffusion.samplers import nfe
 from ldm.evaluation.prompt_accuracy import digits_accuracy, expected_digit, expected_shape_attributes, shapes_accuracy
 from ldm.pipeline import SamplingConfig, text_to_image
@@ -22,6 +22,8 @@ def prompt_set(name: str, prompt_file: str | None = None) -> list[str]:
     """The prompts of a named evaluation set."""
     if name == "shapes":
         return canonical_prompts()
+    if name == "shapes_detailed":
+        return detailed_prompts()
     if name == "digits":
         return [f"a handwritten digit {w}" for w in DIGIT_WORDS]
     if name == "file":
@@ -32,7 +34,7 @@ def prompt_set(name: str, prompt_file: str | None = None) -> list[str]:
         if not prompts:
             raise ValueError(f"{prompt_file} contains no prompts.")
         return prompts
-    raise ValueError(f"Unknown prompt_set={name!r}; choose shapes, digits or file.")
+    raise ValueError(f"Unknown prompt_set={name!r}; choose shapes, shapes_detailed, digits or file.")
 
 
 def score(images: torch.Tensor, prompts: Sequence[str], shape_aliases: Mapping[str, str] | None = None) -> dict:

@@ -1,6 +1,8 @@
 """Does a generated image show what its prompt asked for?
 
-- shapes: the analytic reader (``ldm.data.reader``) reads color and shape; both must match the prompt.
+- shapes: the analytic reader (``ldm.data.reader``) reads color and shape; both must match the prompt
+  (``prompt_accuracy``). A prompt that also names a size, a position or a background in the words of the training
+  captions ("a small red circle in the top left on a black background") is scored on those too.
 - digits: a classifier trained on the real scikit-learn digits reads the digit.
 """
 
@@ -16,9 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.digits import DIGIT_WORDS
-from ldm.data.palette import FOREGROUND_COLORS
+from ldm.data.palette import BACKGROUND_COLORS, FOREGROUND_COLORS
 from ldm.data.reader import read_shape_image
-from ldm.data.synthetic import SHAPES
+from ldm.data.synthetic import POSITION_PHRASES, SHAPES, SIZE_FRACTIONS
+
+DETAILS = ("size", "position", "background")  # scored where a prompt names them
+# the captions' position phrases, longest first: "in the top left" is matched before any phrase inside it
+_POSITIONS = sorted(((phrase, f"{row} {column}") for (row, column), phrase in POSITION_PHRASES.items()),
+                    key=lambda item: -len(item[0]))
 
 
 def _words(prompt: str) -> list[str]:
@@ -40,6 +47,24 @@ def expected_shape_attributes(prompt: str, shape_aliases: Optional[Mapping[str, 
     return {"color": colors[0], "shape": shapes[0]}
 
 
+def expected_details(prompt: str) -> dict[str, str]:
+    """The size ("small"), position ("top left", "middle center") and background ("black") a prompt names in the
+    words of the shapes captions (``ldm.data.synthetic``); only the ones it names."""
+    words = _words(prompt)
+    details = {}
+    sizes = [w for w in words if w in SIZE_FRACTIONS]
+    backgrounds = [w for w in words if w in BACKGROUND_COLORS]
+    if sizes:
+        details["size"] = sizes[0]
+    if backgrounds:
+        details["background"] = backgrounds[0]
+    text = f" {' '.join(words)} "
+    position = next((cell for phrase, cell in _POSITIONS if f" {phrase} " in text), None)
+    if position is not None:
+        details["position"] = position
+    return details
+
+
 def expected_digit(prompt: str) -> Optional[int]:
     """The digit a prompt names ("a handwritten digit seven", "the digit 7"); None otherwise."""
     for word in _words(prompt):
@@ -52,30 +77,50 @@ def expected_digit(prompt: str) -> Optional[int]:
 
 def shapes_accuracy(images: torch.Tensor, prompts: Sequence[str],
                     shape_aliases: Optional[Mapping[str, str]] = None) -> dict:
-    """images: [N, 3, H, W] in [0, 1]. Returns accuracies (color, shape, both) overall and per prompt."""
+    """images: [N, 3, H, W] in [0, 1]. Returns accuracies (color, shape, both) overall and per prompt.
+
+    Where prompts name sizes, positions or backgrounds: ``{detail}_accuracy`` over the images whose prompt names
+    that detail (``{detail}_images`` of them), and ``caption_accuracy``, the images with every named attribute
+    right (color and shape included)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts.")
     per_prompt: dict[str, list[bool]] = defaultdict(list)
     color_ok, shape_ok, both_ok, readings = [], [], [], []
+    detail_ok: dict[str, list[bool]] = {d: [] for d in DETAILS}
+    caption_ok = []
     for image, prompt in zip(images, prompts):
         expected = expected_shape_attributes(prompt, shape_aliases)
         if expected is None:
             raise ValueError(f"Prompt {prompt!r} names no palette color and shape; prompt accuracy needs both.")
         read = read_shape_image(image.permute(1, 2, 0).cpu().numpy())
+        read_details = {"size": read["size"], "position": f"{read['row']} {read['column']}" if read["row"] else None,
+                        "background": read["background"]}
         c, s = read["color"] == expected["color"], read["shape"] == expected["shape"]
         color_ok.append(c)
         shape_ok.append(s)
         both_ok.append(c and s)
         per_prompt[prompt].append(c and s)
-        readings.append({"prompt": prompt, "read_color": read["color"], "read_shape": read["shape"]})
-    return {
+        named = expected_details(prompt)
+        for detail, value in named.items():
+            detail_ok[detail].append(read_details[detail] == value)
+        caption_ok.append(c and s and all(read_details[d] == v for d, v in named.items()))
+        readings.append({"prompt": prompt, "read_color": read["color"], "read_shape": read["shape"],
+                         **{f"read_{d}": read_details[d] for d in DETAILS}})
+    metrics = {
         "prompt_accuracy": float(np.mean(both_ok)),
         "color_accuracy": float(np.mean(color_ok)),
         "shape_accuracy": float(np.mean(shape_ok)),
         "num_images": len(both_ok),
-        "per_prompt": {p: float(np.mean(v)) for p, v in per_prompt.items()},
-        "readings": readings,
     }
+    for detail, ok in detail_ok.items():
+        if ok:
+            metrics[f"{detail}_accuracy"] = float(np.mean(ok))
+            metrics[f"{detail}_images"] = len(ok)
+    if any(detail_ok.values()):
+        metrics["caption_accuracy"] = float(np.mean(caption_ok))
+    metrics["per_prompt"] = {p: float(np.mean(v)) for p, v in per_prompt.items()}
+    metrics["readings"] = readings
+    return metrics
 
 
 @lru_cache(maxsize=1)

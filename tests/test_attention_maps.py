@@ -26,6 +26,11 @@ def test_recorded_weights_are_the_ones_the_layer_applies():
     v = layer.to_v(context).view(2, 7, 4, 8).transpose(1, 2)  # [B, H, M, d]
     merged = (probs @ v).transpose(1, 2).reshape(2, 10, 32)
     torch.testing.assert_close(layer.to_out(merged), layer(x, context=context), rtol=1e-5, atol=1e-5)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])  # [B, M]: the second prompt is 4 tokens long
+    probs = attention_probs(layer, x, context, mask)
+    assert (probs[1, ..., 4:] == 0).all()
+    merged = (probs @ v).transpose(1, 2).reshape(2, 10, 32)
+    torch.testing.assert_close(layer.to_out(merged), layer(x, context=context, mask=mask), rtol=1e-5, atol=1e-5)
 
 
 class PixelsAttendToText(nn.Module):

@@ -5,8 +5,8 @@ Used to score generated images without a learned classifier. Works on the anti-a
 pixel's foreground coverage ``alpha`` is its projection onto the background->foreground color line,
 and the shape follows from the fill ratio ``area / (width * height)`` of the covered region
 (square ~1, circle ~pi/4, upright triangle ~1/2). The size is the nearest of the renderer's box sides to the
-covered extent, and the grid cell (row, column) the nearest of the three centres the renderer can give a shape of
-that extent, per axis, to the coverage-weighted centroid.
+larger covered extent, and the grid cell (row, column) the nearest of the three centres the renderer can give a
+shape of that size, per axis, to the middle of the covered extent.
 """
 
 from __future__ import annotations

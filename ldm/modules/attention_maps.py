@@ -25,12 +25,17 @@ from torch import nn
 from ldm.modules.attention import CrossAttention
 
 
-def attention_probs(module: CrossAttention, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """The weights ``module`` applies: x [B, N, C], context [B, M, D] -> [B, heads, N, M] (fp32, rows sum to 1)."""
+def attention_probs(module: CrossAttention, x: torch.Tensor, context: torch.Tensor,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weights ``module`` applies: x [B, N, C], context [B, M, D], mask [B, M] (True = attend) ->
+    [B, heads, N, M] (fp32, rows sum to 1)."""
     b, n, _ = x.shape
     q = module.to_q(x).float().view(b, n, module.heads, module.dim_head).transpose(1, 2)  # [B, H, N, d]
     k = module.to_k(context).float().view(b, -1, module.heads, module.dim_head).transpose(1, 2)  # [B, H, M, d]
-    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(module.dim_head), dim=-1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(module.dim_head)  # [B, H, N, M]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :].to(torch.bool), float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 class CrossAttentionRecorder:
@@ -66,8 +71,9 @@ class CrossAttentionRecorder:
         if context is None:  # self-attention: keys are pixels, not text
             return
         x = args[0] if args else kwargs["x"]
+        mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
         with torch.no_grad():
-            self.records.append(attention_probs(module, x, context).mean(dim=1))  # [B, N, M]
+            self.records.append(attention_probs(module, x, context, mask).mean(dim=1))  # [B, N, M]
 
     def token_maps(self) -> torch.Tensor:
         """The records averaged into one map per token: [B, M, h, w] at the latent's size, summing to 1 over M."""

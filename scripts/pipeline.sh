@@ -76,6 +76,11 @@ $PY scripts/plot_training.py --run "$OUT/clip" --run "$OUT/autoencoder" --run "$
 stamp "evaluation: $N images per $SET prompt, $SAMPLER 20 steps, guidance $CFG"
 $PY scripts/evaluate.py ckpt="$LDM_CKPT" prompt_set=$SET n_per_prompt=$N sampler=$SAMPLER steps=20 \
     cfg_scale=$CFG clip_ckpt="$CLIP_CKPT" real_shards="data/$DATA/val-000000.tar" out="$OUT/eval"
+if [ "$SET" = shapes ]; then  # what the default prompts do not ask: size, grid cell and background (docs/evaluation.md)
+    stamp "evaluation of the detailed prompts: 4 images per prompt naming size, grid cell and background too"
+    $PY scripts/evaluate.py ckpt="$LDM_CKPT" prompt_set=shapes_detailed n_per_prompt=4 sampler=$SAMPLER steps=20 \
+        cfg_scale=$CFG out="$OUT/eval_detailed"
+fi
 
 if [ -n "${FIGURES:-}" ]; then
     mkdir -p "$FIGURES"
@@ -89,3 +94,4 @@ stamp "done in $(( $(date +%s) - start ))s"
 echo "Reconstruction grid: $OUT/reconstructions.png"
 echo "Training curves:     $OUT/training_curves.png"
 echo "Text-to-image grid:  $OUT/eval/samples.png"
+if [ "$SET" = shapes ]; then echo "Detailed prompts:    $OUT/eval_detailed/metrics.md"; fi

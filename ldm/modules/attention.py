@@ -105,6 +105,10 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, H*D] -> [B, H, N, D] as a view; SDPA takes the strided layout directly."""
+        return t.view(t.shape[0], t.shape[1], self.heads, self.dim_head).transpose(1, 2)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -113,10 +117,8 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         context = x if context is None else context
         b, n, _ = x.shape
-        # [B, N, H*D] -> [B, H, N, D] as views; SDPA takes the strided layout directly
-        q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
-        k = self.to_k(context).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
-        v = self.to_v(context).view(b, -1, self.heads, self.dim_head).transpose(1, 2)
+        q = self.split_heads(self.to_q(x))  # [B, H, N, D]
+        k, v = self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context))  # [B, H, M, D]
         attn_mask = None
         if mask is not None:  # mask: [B, M] True = attend
             attn_mask = mask[:, None, None, :].to(torch.bool)

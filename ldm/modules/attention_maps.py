@@ -29,9 +29,8 @@ def attention_probs(module: CrossAttention, x: torch.Tensor, context: torch.Tens
                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The weights ``module`` applies: x [B, N, C], context [B, M, D], mask [B, M] (True = attend) ->
     [B, heads, N, M] (fp32, rows sum to 1)."""
-    b, n, _ = x.shape
-    q = module.to_q(x).float().view(b, n, module.heads, module.dim_head).transpose(1, 2)  # [B, H, N, d]
-    k = module.to_k(context).float().view(b, -1, module.heads, module.dim_head).transpose(1, 2)  # [B, H, M, d]
+    q = module.split_heads(module.to_q(x).float())  # [B, H, N, d]
+    k = module.split_heads(module.to_k(context).float())  # [B, H, M, d]
     scores = q @ k.transpose(-1, -2) / math.sqrt(module.dim_head)  # [B, H, N, M]
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :].to(torch.bool), float("-inf"))

@@ -54,7 +54,7 @@ def test_shapes_samples_are_well_formed():
 
 
 def test_shapes_captions_are_varied_but_faithful():
-    source = ShapesSource(400, resolution=32, seed=1)
+    source = ShapesSource(400, resolution=32, seed=1, caption_detail="varied")
     captions = [source[i]["caption"] for i in range(len(source))]
     metas = [source[i]["meta"] for i in range(len(source))]
     assert len(set(captions)) > 250
@@ -63,6 +63,25 @@ def test_shapes_captions_are_varied_but_faithful():
         assert 0.3 < np.mean(mentioned) < 0.75, key  # each extra attribute sometimes, not always
     short = [c for c, m in zip(captions, metas) if c == f"a {m['color']} {m['shape']}"]
     assert short, "some captions must be the bare short prompt"
+
+
+def test_positioned_captions_always_name_the_cell_and_vary_the_rest():
+    varied = ShapesSource(400, resolution=32, seed=1, caption_detail="varied")
+    positioned = ShapesSource(400, resolution=32, seed=1)  # the default
+    assert positioned.caption_detail == "positioned"
+    captions = [positioned[i]["caption"] for i in range(len(positioned))]
+    metas = [positioned[i]["meta"] for i in range(len(positioned))]
+    assert all(m["position"] in c for c, m in zip(captions, metas))
+    assert len(set(captions)) > 250
+    for key in ("size", "background"):
+        assert 0.3 < np.mean([m[key] in c for c, m in zip(captions, metas)]) < 0.75, key
+    # Same draws as `varied`: identical wherever `varied` already named the cell, and the same image always.
+    for i in range(len(positioned)):
+        v = varied[i]
+        if v["meta"]["position"] in v["caption"]:
+            assert captions[i] == v["caption"]
+        assert np.array_equal(np.asarray(positioned[i]["image"]), np.asarray(v["image"]))
+    assert sum(captions[i] != varied[i]["caption"] for i in range(len(positioned))) > 100
     full = ShapesSource(5, caption_detail="full")[0]
     m = full["meta"]
     expected = f"a {m['size']} {m['color']} {m['shape']} {m['position']} on a {m['background']} background"

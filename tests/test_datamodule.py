@@ -198,6 +198,21 @@ def test_prepare_data_builds_missing_embedded_shards(tmp_path):
     dm.prepare_data()  # shards exist now: a second call must not rebuild (or refuse to)
 
 
+def test_prepare_data_refuses_shards_another_build_spec_wrote(tmp_path):
+    spec = {"source": "shapes", "splits": {"train": 6, "val": 3}, "samples_per_shard": 3}
+    train, val = str(tmp_path / "train-{000000..000001}.tar"), str(tmp_path / "val-000000.tar")
+    old = {**spec, "kwargs": {"resolution": SIZE, "caption_detail": "short"}}
+    make_dm(train=train, val=val, build=OmegaConf.create(old)).prepare_data()
+    written = sorted(p.stat().st_mtime_ns for p in tmp_path.glob("*.tar"))
+    new = {**spec, "kwargs": {"resolution": SIZE, "caption_detail": "full"}}
+    with pytest.raises(ValueError, match=r"train shards .* not what .*caption.*Delete them"):
+        make_dm(train=train, val=val, build=OmegaConf.create(new)).prepare_data()
+    with pytest.raises(ValueError, match="bbox"):  # another seed draws other shapes: the meta differs too
+        make_dm(train=train, val=val, build=OmegaConf.create({**old, "kwargs": {**old["kwargs"], "seed": 3}})).prepare_data()
+    make_dm(train=train, val=val, build=OmegaConf.create(old)).prepare_data()  # the same spec: kept as they are
+    assert sorted(p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")) == written
+
+
 class TinyModel(L.LightningModule):
     def __init__(self):
         super().__init__()

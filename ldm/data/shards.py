@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import shutil
+import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,3 +181,46 @@ def build_embedded_shards(spec: Mapping[str, Any], out_dir: str | Path, force: b
         )
         log.info("%s", summaries[split])
     return summaries
+
+
+def _first_stored_record(shard: Path) -> tuple[str, bytes] | None:
+    """(key, ``.json`` bytes) of the first sample in ``shard``; None when it holds no ``.json`` member."""
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                return member.name[: -len(".json")], tar.extractfile(member).read()
+    return None
+
+
+def stale_build_reason(spec: Mapping[str, Any], out_dir: str | Path, split: str) -> str | None:
+    """Why the existing ``split`` shards in ``out_dir`` are not what ``spec`` writes now, or None if they are.
+
+    Compares the first stored sample (key, caption and meta) with sample 0 of the source ``spec`` builds, so a
+    changed ``kwargs`` entry, caption grammar or code default shows up without a record of the old spec.
+    """
+    shards = existing_shards(out_dir, split)
+    if not shards:
+        return None
+    kwargs = dict(spec.get("kwargs") or {}, split=split)
+    if spec["splits"].get(split) is not None:
+        kwargs["num_samples"] = int(spec["splits"][split])
+    source = build_source(spec["source"], **kwargs)
+    if len(source) == 0:
+        return None
+    try:
+        expected = encode_sample(source[0], spec.get("image_format", "png"), type(source).__name__)
+    except SampleError:
+        return None  # sample 0 was skipped when the shards were written; nothing to compare
+    stored = _first_stored_record(shards[0])
+    if stored is None:
+        return f"{shards[0]} holds no .json member"
+    key, meta = stored
+    if key != expected["__key__"]:
+        return f"its first sample is {key!r}, the build spec's is {expected['__key__']!r}"
+    if meta != expected["json"]:
+        old, new = json.loads(meta), json.loads(expected["json"])
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        return "sample {!r} differs in {}: stored {} vs now {}".format(
+            key, diff, {k: old.get(k) for k in diff}, {k: new.get(k) for k in diff}
+        )
+    return None

@@ -27,7 +27,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from ldm.data.seeding import DataEpochs, EpochLoader, SeededPipeline, SeededShards, SeededShuffle, resolve_seed
-from ldm.data.shards import build_embedded_shards
+from ldm.data.shards import build_embedded_shards, stale_build_reason
 from ldm.data.stages import BatchSamples, DecodeSamples, SkipCounter, TakeWorkerShare
 from ldm.data.transforms import ImageTransform
 from ldm.data.workers import AUTO, auto_num_workers, check_num_workers, trainer_runs_on_cpu
@@ -232,17 +232,27 @@ class WebDataModule(L.LightningDataModule):
         return {k: self.hparams[f"{k}_shards"] for k in ("train", "val") if self.hparams[f"{k}_shards"] is not None}
 
     def prepare_data(self) -> None:
-        """Write embedded shards when ``build`` is set and the patterns match no file yet (rank 0 per node)."""
+        """Write embedded shards when ``build`` is set and the patterns match no file yet (rank 0 per node);
+        refuse shards already there that ``build`` would not write (e.g. captions of an older recipe)."""
         build = self.hparams.build
         if build is None:
             return
+        out_dir = self.hparams.build_dir or str(Path(expand_shards(self.hparams.train_shards)[0]).parent)
         todo = []
         for split, pattern in self._patterns().items():
             urls, missing = missing_local_shards(pattern)
             if split in build["splits"] and urls and len(missing) == len(urls):
                 todo.append(split)
+            elif split in build["splits"] and urls and not missing:
+                folder = Path(urls[0]).parent
+                reason = stale_build_reason(build, folder, split)
+                if reason is not None:
+                    raise ValueError(
+                        f"the {split} shards in {folder} are not what this data config's `build` writes ({reason}); "
+                        f"they come from another build spec or an older version. Delete them (rm {folder}/{split}-*) "
+                        "to have them rebuilt on the next run, or set paths.data_dir to another folder."
+                    )
         if todo:
-            out_dir = self.hparams.build_dir or str(Path(expand_shards(self.hparams.train_shards)[0]).parent)
             log.info("building %s shards for %s in %s (first run only)", build["source"], todo, out_dir)
             build_embedded_shards({**build, "splits": {s: build["splits"][s] for s in todo}}, out_dir)
 

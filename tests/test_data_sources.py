@@ -12,7 +12,7 @@ from ldm.data.palette import BACKGROUND_COLORS, FOREGROUND_COLORS, min_foregroun
 from ldm.data.photos import PHOTOS, PhotosSource
 from ldm.data.reader import read_shape_image
 from ldm.data.sources import SampleError, build_source
-from ldm.data.synthetic import SHAPES, ShapesSource, canonical_prompts
+from ldm.data.synthetic import MENTION_PROBABILITY, SHAPES, ShapesSource, canonical_prompts
 
 
 def pixels(sample) -> bytes:
@@ -54,7 +54,7 @@ def test_shapes_samples_are_well_formed():
 
 
 def test_shapes_captions_are_varied_but_faithful():
-    source = ShapesSource(400, resolution=32, seed=1, caption_detail="varied")
+    source = ShapesSource(400, resolution=32, seed=1, mention_probability={"position": 0.5})
     captions = [source[i]["caption"] for i in range(len(source))]
     metas = [source[i]["meta"] for i in range(len(source))]
     assert len(set(captions)) > 250
@@ -65,29 +65,23 @@ def test_shapes_captions_are_varied_but_faithful():
     assert short, "some captions must be the bare short prompt"
 
 
-def test_positioned_captions_always_name_the_cell_and_vary_the_rest():
-    varied = ShapesSource(400, resolution=32, seed=1, caption_detail="varied")
-    positioned = ShapesSource(400, resolution=32, seed=1)  # the default
-    assert positioned.caption_detail == "positioned"
-    captions = [positioned[i]["caption"] for i in range(len(positioned))]
-    metas = [positioned[i]["meta"] for i in range(len(positioned))]
-    assert all(m["position"] in c for c, m in zip(captions, metas))
-    assert len(set(captions)) > 250
-    for key in ("size", "background"):
-        assert 0.3 < np.mean([m[key] in c for c, m in zip(captions, metas)]) < 0.75, key
-    # Same draws as `varied`: identical wherever `varied` already named the cell, and the same image always.
-    for i in range(len(positioned)):
-        v = varied[i]
-        if v["meta"]["position"] in v["caption"]:
-            assert captions[i] == v["caption"]
-        assert np.array_equal(np.asarray(positioned[i]["image"]), np.asarray(v["image"]))
-    assert sum(captions[i] != varied[i]["caption"] for i in range(len(positioned))) > 100
-    full = ShapesSource(5, caption_detail="full")[0]
-    m = full["meta"]
-    expected = f"a {m['size']} {m['color']} {m['shape']} {m['position']} on a {m['background']} background"
-    assert full["caption"] == expected
-    short_meta = ShapesSource(5)[2]["meta"]
-    assert ShapesSource(5, caption_detail="short")[2]["caption"] == f"a {short_meta['color']} {short_meta['shape']}"
+def test_mention_probability_sets_how_often_captions_name_each_detail():
+    source = ShapesSource(1000, resolution=32, seed=1)  # the default: the cell in 4 captions of 5, the rest in half
+    assert source.mention_probability == MENTION_PROBABILITY == {"size": 0.5, "position": 0.8, "background": 0.5}
+    metas = [source.attributes(i) for i in range(len(source))]
+    captions = [source[i]["caption"] for i in range(len(source))]
+    rates = {k: np.mean([m[k] in c for c, m in zip(captions, metas)]) for k in ("size", "position", "background")}
+    assert 0.76 < rates["position"] < 0.84 and 0.45 < rates["size"] < 0.55 and 0.45 < rates["background"] < 0.55
+    always = ShapesSource(300, seed=1, mention_probability={"position": 1.0, "background": 0.0})
+    always_captions = [always[i]["caption"] for i in range(len(always))]
+    assert all(m["position"] in c and m["background"] not in c for c, m in zip(always_captions, metas))
+    # the mention draws do not depend on the probabilities: raising one names the cell in a superset of captions
+    half = ShapesSource(300, seed=1, mention_probability={"position": 0.5})
+    named_at_half = [i for i in range(len(half)) if metas[i]["position"] in half[i]["caption"]]
+    assert 100 < len(named_at_half) < 200 and all(metas[i]["position"] in captions[i] for i in named_at_half)
+    for bad in ({"position": 1.5}, {"colour": 0.5}):
+        with pytest.raises(ValueError, match="mention_probability"):
+            ShapesSource(5, mention_probability=bad)
 
 
 def test_prompts_cover_every_color_and_shape():

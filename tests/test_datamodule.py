@@ -213,6 +213,16 @@ def test_prepare_data_refuses_shards_another_build_spec_wrote(tmp_path):
     assert sorted(p.stat().st_mtime_ns for p in tmp_path.glob("*.tar")) == written
 
 
+def test_prepare_data_refuses_shards_of_the_earlier_caption_mix(tmp_path):
+    """Shards written when captions named the cell half the time are caught after the default changed."""
+    spec = {"source": "shapes", "splits": {"train": 40}, "samples_per_shard": 40}
+    earlier = {**spec, "kwargs": {"resolution": SIZE, "mention_probability": {"position": 0.5}}}
+    train = str(tmp_path / "train-000000.tar")
+    make_dm(train=train, val=None, build=OmegaConf.create(earlier)).prepare_data()
+    with pytest.raises(ValueError, match="caption"):
+        make_dm(train=train, val=None, build=OmegaConf.create({**spec, "kwargs": {"resolution": SIZE}})).prepare_data()
+
+
 class TinyModel(L.LightningModule):
     def __init__(self):
         super().__init__()

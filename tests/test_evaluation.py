@@ -21,6 +21,7 @@ from ldm.evaluation.features import CLIPImageFeatures, InceptionFeatures, build_
 from ldm.evaluation.generation import score
 from ldm.evaluation.image_metrics import clip_score, extract_features, fid_kid
 from ldm.evaluation.kind import checkpoint_kind
+from ldm.evaluation.prompt_accuracy import normalised_entropy
 from ldm.evaluation.wandb_offline import WandbLogError, find_offline_runs, read_offline_run, read_records
 from ldm.models.clip import CLIPModule
 from tests.script_loader import load_script
@@ -119,10 +120,27 @@ def test_shapes_reader_scores_real_renders_as_correct():
     images, captions = shapes_batch(120)
     metrics = score(images, captions)
     assert metrics["prompt_accuracy"] >= 0.97
-    # the varied captions name each of size, position and background with p = 0.5: all read right on renders
+    # the varied captions name size, position and background often but not always: all read right on renders
     for detail in ("size", "position", "background"):
         assert metrics[f"{detail}_images"] > 30 and metrics[f"{detail}_accuracy"] == 1.0
     assert metrics["caption_accuracy"] == 1.0
+
+
+def test_spread_of_unnamed_details_is_high_on_real_renders_and_zero_when_collapsed():
+    source = ShapesSource(num_samples=400, resolution=32, split="val", caption_detail="short")
+    samples = [source[i] for i in range(len(source))]
+    images = torch.stack([torch.from_numpy(np.array(s["image"])).permute(2, 0, 1) for s in samples]).float() / 255
+    prompts = [s["caption"] for s in samples]  # "a {color} {shape}": every detail unnamed
+    real = score(images, prompts)
+    for detail in ("size", "position", "background"):  # the renders are uniform in each detail
+        assert real[f"{detail}_spread"] > 0.95 and real[f"{detail}_spread_images"] == 400
+    centre = [i for i, s in enumerate(samples) if s["meta"]["position"] == "in the center"]
+    collapsed = score(images[centre], [prompts[i] for i in centre])  # a model that always draws the centre
+    assert len(centre) > 20 and collapsed["position_spread"] == 0.0 and collapsed["size_spread"] > 0.8
+    named = score(images[:4], [f"{p} in the center" for p in prompts[:4]])
+    assert "position_spread" not in named and "size_spread" in named  # only where the prompt leaves it out
+    assert normalised_entropy(["a", "b", "c"], ["a", "b", "c"]) == pytest.approx(1.0)
+    assert normalised_entropy(["a", "a", "b", "b"], ["a", "b", "c", "d"]) == pytest.approx(0.5)
 
 
 def test_a_wrong_size_position_or_background_is_scored_wrong():

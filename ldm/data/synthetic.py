@@ -35,10 +35,12 @@ POSITION_PHRASES = {
 }
 BACKGROUND_PHRASES = ("on a {} background", "on {}", "against a {} background")
 CAPTION_PREFIXES = ("", "", "", "", "a picture of ", "an image of ")
-# How much a caption says (shape_caption): "positioned" (the default) names the grid cell in every caption and
-# varies the rest; "varied" names the cell only half the time, which leaves a model trained on it mostly ignoring
-# position (0.26 vs 0.92-0.94 in BENCHMARKS.md, "What makes the quickstart follow position").
-CAPTION_DETAILS = ("positioned", "varied", "full", "short")
+CAPTION_DETAILS = ("varied", "full", "short")
+# How often a `varied` caption names each optional attribute (colour and shape are always named). The quickstart
+# model put the shape in the named cell 0.26-0.36 of the time with the cell named in 1/2 of the captions and every
+# time with 4/5 or 9/10; named in all of them, it drew "a red circle" (no cell named) in the centre almost always
+# (BENCHMARKS.md, "How often the captions name the cell").
+MENTION_PROBABILITY = {"size": 0.5, "position": 0.8, "background": 0.5}
 MARGIN = 0.06  # free border (fraction of the side) so the border shows only background
 JITTER = 0.03  # random offset of the shape centre / relative size jitter
 
@@ -88,13 +90,15 @@ def render_shape(
     return canvas.resize((resolution, resolution), Image.Resampling.BOX)
 
 
-def shape_caption(attrs: dict, rng: np.random.Generator, detail: str = "positioned") -> str:
+def shape_caption(
+    attrs: dict, rng: np.random.Generator, detail: str = "varied", mention: Mapping[str, float] | None = None
+) -> str:
     """Caption for the attributes (``detail``: one of :data:`CAPTION_DETAILS`).
 
-    ``varied`` mentions size, position and background each with p = 0.5, in a random order, after a random prefix;
-    ``positioned`` is the same caption with the position always named (same draws, so it differs from ``varied``
-    only where that left the position out); ``full`` names all five attributes in one fixed grammar; ``short`` is
-    ``"a {color} {shape}"``.
+    ``varied`` names size, position and background each with its probability in ``mention`` (default
+    :data:`MENTION_PROBABILITY`), in a random order, after a random prefix; ``full`` names all five attributes in one
+    fixed grammar; ``short`` is ``"a {color} {shape}"``. The three mention draws do not depend on ``mention``, so
+    raising a probability names that attribute in a superset of the captions (the wording draws after them shift).
     """
     color, shape, size, background = attrs["color"], attrs["shape"], attrs["size"], attrs["background"]
     position = POSITION_PHRASES[(attrs["row"], attrs["column"])]
@@ -102,10 +106,10 @@ def shape_caption(attrs: dict, rng: np.random.Generator, detail: str = "position
         return f"a {color} {shape}"
     if detail == "full":
         return f"a {size} {color} {shape} {position} on a {background} background"
-    if detail not in ("varied", "positioned"):
+    if detail != "varied":
         raise ValueError(f"caption_detail must be one of {CAPTION_DETAILS}, got {detail!r}")
-    with_size, with_position, with_background = rng.random(3) < 0.5
-    with_position = with_position or detail == "positioned"
+    mention = {**MENTION_PROBABILITY, **(mention or {})}
+    with_size, with_position, with_background = rng.random(3) < [mention[k] for k in ("size", "position", "background")]
     noun = f"{size} {color} {shape}" if with_size else f"{color} {shape}"
     extras = []
     if with_position:
@@ -129,11 +133,14 @@ class ShapesSource:
         shapes: Sequence[str] = SHAPES,
         colors: Sequence[str] | None = None,
         backgrounds: Sequence[str] | None = None,
-        caption_detail: str = "positioned",
+        caption_detail: str = "varied",
+        mention_probability: Mapping[str, float] | None = None,
         shape_words: Mapping[str, str] | None = None,
         replay_fraction: float = 0.0,
     ):
-        """``caption_detail`` picks the caption grammar (:func:`shape_caption`). ``shape_words`` renames shapes in the captions (e.g. ``{"triangle": "wedge"}`` teaches a new word);
+        """``caption_detail`` picks the caption grammar and ``mention_probability`` how often a ``varied`` caption
+        names size, position and background (:func:`shape_caption`; unnamed keys keep :data:`MENTION_PROBABILITY`).
+        ``shape_words`` renames shapes in the captions (e.g. ``{"triangle": "wedge"}`` teaches a new word);
         ``meta["shape"]`` keeps the drawn shape. ``replay_fraction`` of the samples ignore ``shapes`` and
         ``shape_words`` (every shape, original words): rehearsal of what a fine-tune should not forget."""
         if num_samples < 0:
@@ -152,6 +159,13 @@ class ShapesSource:
                 raise ValueError(f"{name} must be a non-empty subset of {list(allowed)}, got {list(chosen)}")
         if caption_detail not in CAPTION_DETAILS:
             raise ValueError(f"caption_detail must be one of {CAPTION_DETAILS}, got {caption_detail!r}")
+        mention = dict(mention_probability or {})
+        bad = {k: v for k, v in mention.items() if k not in MENTION_PROBABILITY or not 0.0 <= float(v) <= 1.0}
+        if bad:
+            raise ValueError(
+                f"mention_probability maps {list(MENTION_PROBABILITY)} to probabilities in [0, 1], got {bad}"
+            )
+        self.mention_probability = {**MENTION_PROBABILITY, **{k: float(v) for k, v in mention.items()}}
         self.shape_words = {shape: shape for shape in SHAPES}
         for shape, word in dict(shape_words or {}).items():
             if shape not in SHAPES or not str(word).isalpha():
@@ -207,5 +221,6 @@ class ShapesSource:
         color, background = FOREGROUND_COLORS[attrs["color"]], BACKGROUND_COLORS[attrs["background"]]
         image = render_shape(attrs["shape"], color, background, attrs["bbox"], self.resolution)
         named = {**attrs, "shape": attrs["shape"] if attrs.get("replay") else self.shape_words[attrs["shape"]]}
-        caption = shape_caption(named, index_rng(self.seed, self.split, index, stream=1), self.caption_detail)
+        caption = shape_caption(named, index_rng(self.seed, self.split, index, stream=1), self.caption_detail,
+                                self.mention_probability)
         return {"key": f"shapes_{self.split}_{index:08d}", "image": image, "caption": caption, "meta": attrs}

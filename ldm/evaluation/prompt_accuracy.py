@@ -2,7 +2,8 @@
 
 - shapes: the analytic reader (``ldm.data.reader``) reads color and shape; both must match the prompt
   (``prompt_accuracy``). A prompt that also names a size, a position or a background in the words of the training
-  captions ("a small red circle in the top left on a black background") is scored on those too.
+  captions ("a small red circle in the top left on a black background") is scored on those too; where it leaves one
+  unnamed, ``{detail}_spread`` says how varied the generated images are in it.
 - digits: a classifier trained on the real scikit-learn digits reads the digit.
 """
 
@@ -23,6 +24,11 @@ from ldm.data.reader import read_shape_image
 from ldm.data.synthetic import POSITION_PHRASES, SHAPES, SIZE_FRACTIONS
 
 DETAILS = ("size", "position", "background")  # scored where a prompt names them
+DETAIL_VALUES = {  # what the reader can read for each detail (the training images hold each equally often)
+    "size": tuple(SIZE_FRACTIONS),
+    "position": tuple(f"{row} {column}" for row, column in POSITION_PHRASES),
+    "background": tuple(BACKGROUND_COLORS),
+}
 # the captions' position phrases, longest first: "in the top left" is matched before any phrase inside it
 _POSITIONS = sorted(((phrase, f"{row} {column}") for (row, column), phrase in POSITION_PHRASES.items()),
                     key=lambda item: -len(item[0]))
@@ -75,19 +81,30 @@ def expected_digit(prompt: str) -> Optional[int]:
     return None
 
 
+def normalised_entropy(values: Sequence[str], support: Sequence[str]) -> float:
+    """Shannon entropy of the empirical distribution of ``values`` divided by log(len(support)): 1 when every value
+    of ``support`` occurs equally often, 0 when one value always does."""
+    counts = np.array([sum(v == s for v in values) for s in support], dtype=float)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum() / np.log(len(support)))
+
+
 def shapes_accuracy(images: torch.Tensor, prompts: Sequence[str],
                     shape_aliases: Optional[Mapping[str, str]] = None) -> dict:
     """images: [N, 3, H, W] in [0, 1]. Returns accuracies (color, shape, both) overall and per prompt.
 
     Where prompts name sizes, positions or backgrounds: ``{detail}_accuracy`` over the images whose prompt names
     that detail (``{detail}_images`` of them), and ``caption_accuracy``, the images with every named attribute
-    right (color and shape included)."""
+    right (color and shape included). Where prompts leave a detail unnamed: ``{detail}_spread``, the normalised
+    entropy of the read values over those images (:func:`normalised_entropy`; the training images are uniform in
+    each, so a model that samples their distribution scores near 1, one that always draws the same cell 0)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts.")
     per_prompt: dict[str, list[bool]] = defaultdict(list)
     color_ok, shape_ok, both_ok, readings = [], [], [], []
     detail_ok: dict[str, list[bool]] = {d: [] for d in DETAILS}
     caption_ok = []
+    unnamed: dict[str, list[str]] = {d: [] for d in DETAILS}  # read values where the prompt names no such detail
     for image, prompt in zip(images, prompts):
         expected = expected_shape_attributes(prompt, shape_aliases)
         if expected is None:
@@ -103,6 +120,9 @@ def shapes_accuracy(images: torch.Tensor, prompts: Sequence[str],
         named = expected_details(prompt)
         for detail, value in named.items():
             detail_ok[detail].append(read_details[detail] == value)
+        for detail in DETAILS:
+            if detail not in named and read_details[detail] is not None:
+                unnamed[detail].append(read_details[detail])
         caption_ok.append(c and s and all(read_details[d] == v for d, v in named.items()))
         readings.append({"prompt": prompt, "read_color": read["color"], "read_shape": read["shape"],
                          **{f"read_{d}": read_details[d] for d in DETAILS}})
@@ -118,6 +138,10 @@ def shapes_accuracy(images: torch.Tensor, prompts: Sequence[str],
             metrics[f"{detail}_images"] = len(ok)
     if any(detail_ok.values()):
         metrics["caption_accuracy"] = float(np.mean(caption_ok))
+    for detail, values in unnamed.items():
+        if values:
+            metrics[f"{detail}_spread"] = normalised_entropy(values, DETAIL_VALUES[detail])
+            metrics[f"{detail}_spread_images"] = len(values)
     metrics["per_prompt"] = {p: float(np.mean(v)) for p, v in per_prompt.items()}
     metrics["readings"] = readings
     return metrics

@@ -11,7 +11,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from ldm.data.folder import FolderSource
-from ldm.data.shards import build_embedded_shards, write_shards
+from ldm.data.shards import build_embedded_shards, stale_build_reason, write_shards
 from ldm.data.sources import SampleError
 from ldm.data.synthetic import ShapesSource
 from tests.script_loader import load_script
@@ -124,6 +124,18 @@ def test_build_embedded_shards(tmp_path):
     assert json.loads((tmp_path / "train-info.json").read_text())["num_samples"] == 10
     with pytest.raises(ValueError, match="splits"):
         build_embedded_shards({"source": "shapes"}, tmp_path / "x")
+
+
+def test_stale_build_reason_names_the_difference_and_leaves_unreadable_shards_to_the_loader(tmp_path):
+    spec = {"source": "shapes", "splits": {"train": 8}, "kwargs": {"resolution": 16}, "samples_per_shard": 8}
+    build_embedded_shards(spec, tmp_path)
+    assert stale_build_reason(spec, tmp_path, "train") is None
+    assert stale_build_reason(spec, tmp_path, "val") is None  # no val shards: nothing stale
+    reason = stale_build_reason({**spec, "kwargs": {"resolution": 16, "caption_detail": "full"}}, tmp_path, "train")
+    assert reason is not None and "caption" in reason
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"not a tar archive" * 10)
+    assert stale_build_reason(spec, tmp_path, "train") is None
 
 
 def test_make_shards_cli(tmp_path, capsys):

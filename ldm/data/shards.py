@@ -209,7 +209,10 @@ def stale_build_reason(spec: Mapping[str, Any], out_dir: str | Path, split: str,
     if spec["splits"].get(split) is not None:
         kwargs["num_samples"] = int(spec["splits"][split])
     source = build_source(spec["source"], **kwargs)
-    stored = _stored_records(shards[0], min(samples, len(source)))
+    try:
+        stored = _stored_records(shards[0], min(samples, len(source)))
+    except (tarfile.TarError, OSError):
+        return None  # an unreadable shard is the loader's to report (or skip and count), not a stale build
     if not stored and len(source):
         return f"{shards[0]} holds no .json member"
     for index, (key, meta) in enumerate(stored):

@@ -37,7 +37,7 @@ BACKGROUND_PHRASES = ("on a {} background", "on {}", "against a {} background")
 CAPTION_PREFIXES = ("", "", "", "", "a picture of ", "an image of ")
 CAPTION_DETAILS = ("varied", "full", "short")
 # How often a `varied` caption names each optional attribute (colour and shape are always named). The quickstart
-# model put the shape in the named cell 0.26-0.36 of the time with the cell named in 1/2 of the captions and every
+# model put the shape in the named cell 0.26-0.37 of the time with the cell named in 1/2 of the captions and every
 # time with 4/5 or 9/10; named in all of them, it drew "a red circle" (no cell named) in the centre almost always
 # (BENCHMARKS.md, "How often the captions name the cell").
 MENTION_PROBABILITY = {"size": 0.5, "position": 0.8, "background": 0.5}

@@ -263,3 +263,22 @@ def test_new_word_captions_and_their_reading():
     assert expected_shape_attributes("a blue circle", {"wedge": "triangle"}) == {"color": "blue", "shape": "circle"}
     with pytest.raises(ValueError, match="shape_aliases"):
         expected_shape_attributes("a red wedge", {"wedge": "hexagon"})
+
+
+def test_finetune_recipe_trains_the_text_tower_of_a_base_that_kept_it_frozen(compose_train, tmp_path):
+    """The quickstart's stage 2 keeps the stage-0 text tower frozen; a frozen tower cannot give a new word features."""
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    base = LatentDiffusion(unet_config=UNET, cond_stage_config={"arch": "ldm-tiny-clip", "freeze": True},
+                           first_stage_config={"ddconfig": DDCONFIG, "embed_dim": 4}, ema_decay=0.9, latent_norm="none")
+    base.first_stage_model.weights_loaded = True
+    path = tmp_path / "frozen_text.ckpt"
+    save_project_checkpoint(base, path)
+    cfg = compose_train(["experiment=quickstart_finetune", f"init_from={path}"])
+    model = instantiate(cfg.model)
+    assert not model.cond_stage_model.frozen and model.cond_stage_ema is not None
+    assert all(p.requires_grad for p in model.cond_stage_model.parameters())
+    frozen = instantiate(compose_train(["experiment=quickstart_finetune", f"init_from={path}",
+                                        "model.cond_stage_config.freeze=true"]).model)
+    assert frozen.cond_stage_model.frozen and frozen.cond_stage_ema is None

@@ -149,6 +149,14 @@ def write_shards(
     return summary
 
 
+def split_source(spec: Mapping[str, Any], split: str) -> Source:
+    """The source a build ``spec`` writes for ``split``: ``kwargs`` plus the split and its sample count."""
+    kwargs = dict(spec.get("kwargs") or {}, split=split)
+    if spec["splits"].get(split) is not None:
+        kwargs["num_samples"] = int(spec["splits"][split])
+    return build_source(spec["source"], **kwargs)
+
+
 def build_embedded_shards(spec: Mapping[str, Any], out_dir: str | Path, force: bool = False) -> dict[str, ShardSummary]:
     """Write train/val shards of a source described by ``spec`` into ``out_dir``.
 
@@ -166,13 +174,9 @@ def build_embedded_shards(spec: Mapping[str, Any], out_dir: str | Path, force: b
             f"got keys {sorted(spec)}"
         )
     summaries = {}
-    for split, num_samples in dict(spec["splits"]).items():
-        kwargs = dict(spec.get("kwargs") or {}, split=split)
-        if num_samples is not None:
-            kwargs["num_samples"] = int(num_samples)
-        source = build_source(spec["source"], **kwargs)
+    for split in dict(spec["splits"]):
         summaries[split] = write_shards(
-            source,
+            split_source(spec, split),
             out_dir,
             prefix=split,
             samples_per_shard=int(spec.get("samples_per_shard", 1000)),
@@ -205,10 +209,7 @@ def stale_build_reason(spec: Mapping[str, Any], out_dir: str | Path, split: str,
     shards = existing_shards(out_dir, split)
     if not shards:
         return None
-    kwargs = dict(spec.get("kwargs") or {}, split=split)
-    if spec["splits"].get(split) is not None:
-        kwargs["num_samples"] = int(spec["splits"][split])
-    source = build_source(spec["source"], **kwargs)
+    source = split_source(spec, split)
     try:
         stored = _stored_records(shards[0], min(samples, len(source)))
     except (tarfile.TarError, OSError):

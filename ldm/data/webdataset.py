@@ -237,7 +237,6 @@ class WebDataModule(L.LightningDataModule):
         build = self.hparams.build
         if build is None:
             return
-        out_dir = self.hparams.build_dir or str(Path(expand_shards(self.hparams.train_shards)[0]).parent)
         todo = []
         for split, pattern in self._patterns().items():
             urls, missing = missing_local_shards(pattern)
@@ -253,6 +252,7 @@ class WebDataModule(L.LightningDataModule):
                         "to have them rebuilt on the next run, or set paths.data_dir to another folder."
                     )
         if todo:
+            out_dir = self.hparams.build_dir or str(Path(expand_shards(self.hparams.train_shards)[0]).parent)
             log.info("building %s shards for %s in %s (first run only)", build["source"], todo, out_dir)
             build_embedded_shards({**build, "splits": {s: build["splits"][s] for s in todo}}, out_dir)
 

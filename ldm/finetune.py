@@ -73,7 +73,7 @@ def latent_diffusion_from_ldm_checkpoint(init_from: str, init_ema: bool = True, 
 
     ``init_ema``: start from the checkpoint's EMA weights (U-Net and a trained text encoder) when it has them.
     ``lora``: freeze everything and train LoRA adapters on the U-Net (``LatentDiffusion.add_lora``); the text
-    encoder is then frozen and ``ema_decay`` must be null.
+    encoder is then frozen (``cond_stage_config.freeze=false`` is refused) and ``ema_decay`` must be null.
     """
     if not init_from:
         raise ValueError("Fine-tuning needs init_from=<checkpoints/last.ckpt of an *_ldm run>.")
@@ -81,6 +81,10 @@ def latent_diffusion_from_ldm_checkpoint(init_from: str, init_ema: bool = True, 
         lora = lora_spec(lora)  # bad specs fail before anything is built
         if overrides.get("ema_decay") is not None:
             raise ValueError("LoRA trains only the U-Net adapters, without EMA: set model.ema_decay=null.")
+        if (overrides.get("cond_stage_config") or {}).get("freeze") is False:
+            raise ValueError("LoRA trains only the U-Net adapters and keeps the text encoder frozen: drop "
+                             "model.cond_stage_config.freeze=false, or fine-tune all weights with "
+                             "experiment=quickstart_finetune.")
     ckpt = load_checkpoint(init_from)
     hparams = ckpt.get("hyper_parameters") or {}
     if "unet_config" not in hparams:

@@ -99,6 +99,9 @@ def test_init_from_a_project_checkpoint_loads_exactly(base_ckpt):
 def test_bad_starts_fail_clearly(base_ckpt, tmp_path):
     with pytest.raises(ValueError, match="ema_decay=null"):
         latent_diffusion_from_ldm_checkpoint(str(base_ckpt), lora=LORA)  # LoRA with the base's EMA decay
+    with pytest.raises(ValueError, match="keeps the text encoder frozen"):
+        latent_diffusion_from_ldm_checkpoint(str(base_ckpt), lora=LORA, ema_decay=None,
+                                             cond_stage_config={"freeze": False})
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         latent_diffusion_from_ldm_checkpoint(str(base_ckpt), lora={"rank": 0}, ema_decay=None)
     with pytest.raises(ValueError, match="matched no layer"):

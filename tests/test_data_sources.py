@@ -84,6 +84,14 @@ def test_mention_probability_sets_how_often_captions_name_each_detail():
             ShapesSource(5, mention_probability=bad)
 
 
+def test_full_and_short_captions_keep_their_fixed_grammar():
+    full = ShapesSource(5, caption_detail="full")[0]
+    m = full["meta"]
+    assert full["caption"] == f"a {m['size']} {m['color']} {m['shape']} {m['position']} on a {m['background']} background"
+    short_meta = ShapesSource(5)[2]["meta"]
+    assert ShapesSource(5, caption_detail="short")[2]["caption"] == f"a {short_meta['color']} {short_meta['shape']}"
+
+
 def test_prompts_cover_every_color_and_shape():
     prompts = ShapesSource(1).prompts()
     assert prompts == canonical_prompts()
